@@ -1,0 +1,1 @@
+"""CCT-R bundle components: the custom Python pieces that the YAML configs in configs/ name."""
