@@ -1,0 +1,159 @@
+"""The bundle's documented commands, end to end, on a tiny phantom.
+
+Each command runs as a user would run it (``python -m monai.bundle run ...`` from the bundle root),
+with overrides that keep it to seconds: a few phantom subjects, a 32x32 patch, a handful of
+iterations.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.phantom import ensure_phantom_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0"]
+
+
+def bundle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"command failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("phantom")
+    return ensure_phantom_dataset(root, n_labeled=2, n_unlabeled=1, n_validation=1, n_test=2, seed=3)
+
+
+def train(run_dir: Path, datalist: str, *extra: str) -> subprocess.CompletedProcess:
+    return bundle(
+        "run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(run_dir),
+        "--datalist_file", datalist, "--num_iterations", "8", "--val_interval", "4", *FAST, *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, phantom) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    ok(train(run_dir, phantom))
+    return run_dir
+
+
+def test_training_writes_flat_model_and_full_state(trained):
+    model = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in model.values()), "model.pt must be a flat state_dict"
+    state = torch.load(trained / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "best_model", "rng"} <= set(state)
+    assert state["trainer"]["iteration"] == 8
+    assert state["best_model"]["best_metric"] is not None
+    assert (trained / "eval" / "runs").is_dir()  # TensorBoard logs
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, phantom, trained):
+    """8 iterations straight == 4 iterations, stop, resume, 4 more (same weights)."""
+    split = tmp_path / "split"
+    ok(train(split, phantom, "--max_epochs", "1"))
+    first = torch.load(split / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    assert first["trainer"]["iteration"] == 4
+    ok(train(split, phantom, "--resume", "true"))
+    resumed = torch.load(split / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    straight = torch.load(trained / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    assert resumed["trainer"]["iteration"] == 8
+    for name, value in straight["network"].items():
+        torch.testing.assert_close(resumed["network"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed["lr_scheduler"]["last_epoch"] == straight["lr_scheduler"]["last_epoch"] == 8
+
+
+def _oblique_volume(path: Path, shape=(30, 26, 5), axis_order=(0, 1, 2)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    data = rng.random(shape).astype(np.float32)
+    t = np.deg2rad(25)
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    spacing = np.array([1.3, 1.7, 8.0])[list(axis_order)]
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = [-12.5, 40.0, 7.25]
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return affine
+
+
+def test_inference_keeps_shape_and_affine_of_any_input(tmp_path, trained):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    affines = {
+        "oblique.nii.gz": _oblique_volume(inputs / "oblique.nii.gz"),
+        # slices along the first axis (through-plane spacing on axis 0)
+        "axis0.nii.gz": _oblique_volume(inputs / "axis0.nii.gz", shape=(5, 30, 26), axis_order=(2, 0, 1)),
+    }
+    out = tmp_path / "out"
+    ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+              "--input_dir", str(inputs), "--output_dir", str(out), "--patch_size", "[32,32]"))
+    for name, affine in affines.items():
+        src = nib.load(inputs / name)
+        pred = nib.load(out / name.replace(".nii.gz", "_seg.nii.gz"))
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+        assert pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+    assert not [f for f in os.listdir(out) if f.startswith(".")], "temporary files left behind"
+
+
+def test_inference_rejects_2d_input_naming_the_file(tmp_path, trained):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(inputs / "flat.nii.gz"))
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+                  "--input_dir", str(inputs), "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "flat.nii.gz" in proc.stderr
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_evaluate_writes_per_case_and_summary(tmp_path, phantom, trained):
+    report = tmp_path / "report"
+    ok(bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
+              "--bundle_root", str(trained), "--datalist_file", phantom, "--datalist_section", "test",
+              "--report_dir", str(report), "--output_dir", str(tmp_path / "pred"), "--patch_size", "[32,32]"))
+    with open(report / "metrics_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["class_name"] for r in rows} == {"RV", "myocardium", "LV"}
+    assert len({r["case"] for r in rows}) == 2  # the two test subjects
+    for r in rows:
+        assert 0.0 <= float(r["dice"]) <= 1.0
+        assert float(r["hd95_mm"]) >= 0.0 and float(r["hd95_vox"]) >= 0.0
+    assert (report / "metrics_summary.csv").exists() and (report / "metrics_summary.md").exists()
+
+
+def test_training_stops_on_bad_datalist_before_caching(tmp_path, phantom):
+    import json
+
+    bad = json.loads(Path(phantom).read_text())
+    base = Path(phantom).parent
+    bad["training"][0]["label"] = str(base / "labelsTr" / "does_not_exist.nii.gz")
+    for section in ("training", "unlabeled", "validation", "test"):
+        for e in bad[section]:
+            for k in ("image", "label", "true_label"):
+                if k in e and not os.path.isabs(e[k]):
+                    e[k] = str(base / e[k])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    proc = train(tmp_path / "run", str(path))
+    assert proc.returncode != 0
+    assert "does_not_exist.nii.gz" in proc.stderr
+    assert "Loading dataset" not in proc.stderr  # failed before any volume was cached
+    assert not (tmp_path / "run" / "models" / "model.pt").exists()
