@@ -264,11 +264,12 @@ def check_datalist(
     num_classes: int | None = None,
     label_mapping: Mapping[str, Sequence[int]] | None = None,
     require_labeled: bool = True,
+    nonempty: Sequence[str] = (),
 ) -> dict:
     """Check a datalist and every file it names in ``sections``; raise if anything is wrong.
 
     Checks: the datalist reads; requested sections exist; ``training`` is not empty (when
-    ``require_labeled``); ids are present and unique across all sections; every image / label /
+    ``require_labeled``) and neither is any section named in ``nonempty``; ids are present and unique across all sections; every image / label /
     true_label file exists, is readable and complete, is 3D (a trailing singleton dimension is
     accepted), has a finite non-degenerate affine and no NaN/inf intensity scaling; each label has its
     image's shape and geometry (affine within 1e-3 mm + 1e-4 relative) and integer values in
@@ -301,6 +302,9 @@ def check_datalist(
             problems.append(f"{where}: no section {section!r} (available: {available})")
     if require_labeled and not data.get("training"):
         problems.append(f"{where}: no labeled case (section 'training' is missing or empty)")
+    for section in nonempty:
+        if section in data and not data[section]:
+            problems.append(f"{where}: section {section!r} is empty")
 
     seen: dict[str, list[str]] = defaultdict(list)
     for section in SECTIONS:

@@ -127,6 +127,13 @@ def test_no_labeled_case(tmp_path):
     assert check_datalist(path, require_labeled=False)["sections"]["training"] == 0
 
 
+def test_required_nonempty_section(tmp_path):
+    path = datalist(tmp_path, validation=[])
+    assert check_datalist(path)["sections"]["validation"] == 0  # allowed unless asked for
+    _, problems = problems_of(path, nonempty=["validation"])
+    assert problems == [f"datalist {path}: section 'validation' is empty"]
+
+
 def test_requested_section_missing(tmp_path):
     path = datalist(tmp_path)
     data = json.loads(path.read_text())

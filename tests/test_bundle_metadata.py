@@ -1,0 +1,76 @@
+"""Model Zoo tooling: metadata schema, network input/output shapes, TorchScript export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from tests.test_bundle import ROOT, bundle, ok
+
+SCHEMA = ROOT / "tests" / "data" / "meta_schema_offline.json"
+
+
+def test_verify_metadata_passes():
+    proc = ok(bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)))
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_verify_metadata_catches_a_missing_field(tmp_path):
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    del meta["required_packages_version"]
+    bad = tmp_path / "metadata.json"
+    bad.write_text(json.dumps(meta))
+    proc = bundle("verify_metadata", "--meta_file", str(bad), "--filepath", str(SCHEMA))
+    assert proc.returncode != 0 and "required_packages_version" in proc.stderr
+
+
+def test_metadata_versions_match_requirements():
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    assert pins["monai"] == meta["monai_version"]
+    assert pins["torch"] == meta["pytorch_version"]
+    assert pins["numpy"] == meta["numpy_version"]
+    for name, version in meta["required_packages_version"].items():
+        assert pins[name.lower()] == version, name
+
+
+def test_verify_net_in_out():
+    proc = ok(bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                     "--config_file", "configs/inference.yaml", "--n", "2"))
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_metadata_output_channels_match_network():
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.yaml"))
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == parser.get_parsed_content("num_classes")
+    assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == parser.get_parsed_content("class_names")
+
+
+@pytest.mark.parametrize("use_trace", [False, True])
+def test_ckpt_export_torchscript(tmp_path, use_trace):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.yaml"))
+    net = parser.get_parsed_content("network_def")
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    out = tmp_path / "model.ts"
+    args = ["ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file", str(ckpt),
+            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--key_in_ckpt", ""]
+    if use_trace:
+        args += ["--use_trace", "True", "--input_shape", "[1,1,64,64]"]
+    ok(bundle(*args))
+    scripted = torch.jit.load(str(out))
+    x = torch.rand(1, 1, 64, 64)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
