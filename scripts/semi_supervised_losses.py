@@ -1,0 +1,101 @@
+"""Loss terms of the semi-supervised methods, beside the supervised Dice + CE of ``train.yaml``.
+
+* :class:`PseudoLabelDiceLoss` — cross teaching (CTS / CCT-R): Dice of one network's softmax on the
+  unlabeled slices against the *other* network's argmax, taken without gradient.
+* :class:`PseudoLabelCELoss` — cross pseudo supervision (CPS): cross-entropy against the other
+  network's argmax, without gradient.
+* :class:`UncertaintyMaskedMSE` and :func:`predictive_entropy` — the uncertainty-aware mean teacher
+  (UA-MT): squared difference of student and teacher probabilities where the teacher is certain.
+* :class:`SelectedSamplesLoss` — registration supervision (RSL): a loss (Dice + CE against the
+  registered label) over only the samples that have a registered label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = [
+    "pseudo_label",
+    "PseudoLabelDiceLoss",
+    "PseudoLabelCELoss",
+    "predictive_entropy",
+    "UncertaintyMaskedMSE",
+    "SelectedSamplesLoss",
+]
+
+
+def pseudo_label(logits: torch.Tensor) -> torch.Tensor:
+    """Hard pseudo-label ``(B, 1, H, W)`` (int64): the argmax over classes, detached from the graph."""
+    return logits.detach().argmax(dim=1, keepdim=True)
+
+
+class PseudoLabelDiceLoss(nn.Module):
+    """``Dice(softmax(input), onehot(argmax(teacher)))``: the cross-teaching term ``L_cps``.
+
+    Args:
+        kwargs: passed to :class:`monai.losses.DiceLoss`; ``to_onehot_y`` and ``softmax`` are fixed
+            to ``True`` (the defaults elsewhere: all classes incl. background, per-sample Dice,
+            averaged; as the supervised Dice of ``train.yaml``).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        kwargs.update(to_onehot_y=True, softmax=True)
+        self.dice = DiceLoss(**kwargs)
+
+    def forward(self, input: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return self.dice(input, pseudo_label(teacher_logits))
+
+
+class PseudoLabelCELoss(nn.Module):
+    """``CE(input, argmax(teacher))``: the cross pseudo supervision term of CPS (mean over pixels)."""
+
+    def forward(self, input: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(input, pseudo_label(teacher_logits)[:, 0])
+
+
+def predictive_entropy(probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``-sum_c p_c log(p_c + eps)`` over the class axis 1, kept as a singleton axis ``(B, 1, H, W)``."""
+    return -(probabilities * torch.log(probabilities + eps)).sum(dim=1, keepdim=True)
+
+
+class UncertaintyMaskedMSE(nn.Module):
+    """UA-MT consistency: ``sum(mask * (softmax(student) - p_teacher)^2) / (2 * sum(mask) + 1e-16)``.
+
+    ``mask = uncertainty < threshold`` (pixels where the teacher is confident); the normalisation
+    is that of the UA-MT reference implementation (SSL4MIS), the ``mask`` summed over pixels only.
+    """
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_probabilities: torch.Tensor, uncertainty: torch.Tensor, threshold: float
+    ) -> torch.Tensor:
+        mask = (uncertainty < threshold).to(student_logits.dtype)
+        squared = (torch.softmax(student_logits, dim=1) - teacher_probabilities.detach()) ** 2
+        return (mask * squared).sum() / (2.0 * mask.sum() + 1e-16)
+
+
+class SelectedSamplesLoss(nn.Module):
+    """``loss(input[valid], target[valid])``; zero (still part of the graph) when no sample is valid.
+
+    Registration can fail for a volume, whose unlabeled slices then carry a blank registered label
+    and ``valid = 0``; they still take part in the other loss terms.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if valid is None:
+            return self.loss(input, target)
+        keep = valid.reshape(-1) > 0
+        if bool(keep.all()):
+            return self.loss(input, target)
+        if not bool(keep.any()):
+            return input.sum() * 0.0
+        return self.loss(input[keep], target[keep])
