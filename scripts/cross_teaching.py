@@ -25,6 +25,11 @@ one per optimizer. ``w_cps(i)`` is :class:`scripts.consistency_weight.RampUpWeig
 of ``train.yaml`` (Dice + CE). With ``amp`` (CUDA), forward and losses run under autocast and one
 ``GradScaler`` scales the summed loss and steps both optimizers.
 
+With a ``contrastive`` term (:class:`scripts.contrastive_term.ContrastiveTerm`: SCL, SCL + REPS or
+MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained network's loss gains
+``w_cl * L_cl``, computed from the same forward pass (labels: ground truth on the labeled half, the
+peer's argmax on the unlabeled half; the UA-MT teacher's for the student).
+
 The engine output (``engine.state.output``) is ``{"loss": L_A + L_B, "terms": {name: value}}``
 with every loss term, ``w_cps`` and (UA-MT) the fraction of certain pixels, all detached.
 """
@@ -83,6 +88,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         uncertainty_max: UA-MT threshold scale; the threshold is ``(0.75 + 0.25 ramp(i)) * uncertainty_max``
             (``ln 2`` in the reference implementation).
         num_iterations: the ramp length of the UA-MT threshold; defaults to ``consistency_weight.total``.
+        contrastive: the contrastive term (``None``: off); its projector parameters must be in the optimizers.
+        contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
 
@@ -109,6 +116,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         noise_clip: float = 0.2,
         uncertainty_max: float = math.log(2.0),
         num_iterations: int | None = None,
+        contrastive: Callable | None = None,
+        contrastive_weight: float = 0.0,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = False,
@@ -161,6 +170,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
             for p in unwrap(net_b).parameters():
                 p.requires_grad_(False)
         self.num_iterations = num_iterations
+        if float(contrastive_weight) < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight!r}")
+        if float(contrastive_weight) > 0 and contrastive is None:
+            raise ValueError("contrastive_weight > 0 needs a contrastive term (scripts.contrastive_term.ContrastiveTerm)")
+        self.contrastive = contrastive
+        self.contrastive_weight = float(contrastive_weight)
 
     # ------------------------------------------------------------------ loss terms
     def w_cps(self, iteration: int) -> float:
@@ -192,6 +207,11 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
+        if self.contrastive is not None and self.contrastive_weight > 0:
+            terms["cl_a"] = self.contrastive("a", out_a, torch.softmax(out_b[n:].detach().float(), 1), batch)
+            terms["cl_b"] = self.contrastive("b", out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
+            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+            loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
 
@@ -212,6 +232,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+        if self.contrastive is not None and self.contrastive_weight > 0:
+            terms["cl_a"] = self.contrastive("a", out_a, target, batch)
+            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
         terms["loss_a"] = loss_a
         return loss_a, terms
 

@@ -1,0 +1,242 @@
+"""Orchestration of a registration run (the object ``configs/registration.yaml`` calls).
+
+``RegistrationRunner.run()``:
+
+1. plans the pairs (labeled <-> unlabeled, optional REPS partners, labeled <-> evaluation volumes),
+2. registers the pairs not yet in the store, batch by batch, committing each batch atomically
+   (progress bar with ETA; a killed run resumes where it stopped),
+3. consolidates the store, selects the best labeled partner of every unlabeled volume (BRS) and
+   caches its propagated label on the unlabeled volume's grid,
+4. writes ``rsl_datalist.json`` (the input datalist + ``registered_label``, ``partner``,
+   ``brs_score`` per unlabeled entry), ``brs.json`` and ``summary.json``,
+5. optionally evaluates the registration-only baseline on the evaluation sections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..atomic_io import write_json
+from ..datalist import load_datalist, read_datalist
+from .baseline import run_baseline
+from .brs import BestRegistrationSelector
+from .engine import PairSpec, make_engine
+from .pairs import plan_pairs
+from .propagation import PropagateLabeld
+from .store import TransformStore, settings_key
+
+logger = logging.getLogger(__name__)
+
+
+class RegistrationRunner:
+    """Compute, store and use the pairwise registrations of one datalist.
+
+    Args:
+        datalist: datalist JSON path.
+        output_root: folder under which a sub-folder per settings key is created.
+        engine: ``"torch"`` or ``"sitk"``.
+        engine_settings: keyword arguments of the engine.
+        batch_size: pairs per committed batch.
+        reps_partners: see :func:`~scripts.registration.pairs.plan_pairs`.
+        evaluation_sections: datalist sections registered with the labeled volumes for the baseline.
+        brs: ``{"w_rmse": ..., "w_mi": ..., "spacing": ...}`` for :class:`BestRegistrationSelector`.
+        propagation_mode: ``"nearest"`` or ``"onehot"``.
+        top_k: also fuse the top-k BRS partners by majority vote in the baseline (0/1: off).
+        num_classes: label classes including background (for one-hot propagation and fusion).
+        num_threads: torch intra-op threads per process (``None``: leave as is).
+        workers: processes registering batches in parallel (each with its own engine and volume
+            cache; only the main process writes the store). ``0``/``1``: in this process.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        datalist: str | os.PathLike,
+        output_root: str | os.PathLike,
+        engine: str = "torch",
+        engine_settings: dict | None = None,
+        batch_size: int = 32,
+        reps_partners: int | str | None = None,
+        evaluation_sections: list[str] | tuple[str, ...] = ("validation",),
+        brs: dict | None = None,
+        propagation_mode: str = "nearest",
+        top_k: int = 3,
+        num_classes: int | None = None,
+        num_threads: int | None = None,
+        workers: int = 0,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.datalist = Path(datalist)
+        self.engine_name, self.engine_kwargs = engine, dict(engine_settings or {})
+        self.engine = make_engine(engine, **self.engine_kwargs)
+        self.settings = self.engine.settings()
+        self.output_dir = Path(output_root) / settings_key(self.settings)
+        self.batch_size = max(1, int(batch_size))
+        self.reps_partners = reps_partners
+        self.evaluation_sections = list(evaluation_sections or [])
+        self.selector = BestRegistrationSelector(**dict(brs or {}))
+        self.propagation_mode = propagation_mode
+        self.top_k = int(top_k)
+        self.num_classes = num_classes
+        self.num_threads = num_threads
+        self.workers = int(workers or 0)
+        self.progress = progress
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------------ data
+    def _section(self, name: str) -> list[dict]:
+        try:
+            return load_datalist(self.datalist, name)
+        except KeyError:
+            return []
+
+    def entries(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """(labeled, unlabeled, evaluation entries with a label)."""
+        labeled = self._section("training")
+        if not labeled:
+            raise ValueError(f"datalist {self.datalist}: the 'training' (labeled) section is empty")
+        evaluation = [e for s in self.evaluation_sections for e in self._section(s) if e.get("label")]
+        return labeled, self._section("unlabeled"), evaluation
+
+    def plan(self) -> list[PairSpec]:
+        """All pairs this run needs."""
+        labeled, unlabeled, evaluation = self.entries()
+        return plan_pairs(labeled, unlabeled, evaluation, self.reps_partners, self.seed)
+
+    # ------------------------------------------------------------------ registration
+    def register(self, pairs: list[PairSpec] | None = None, max_batches: int | None = None) -> TransformStore:
+        """Register the pending pairs batch by batch (each batch committed atomically)."""
+        store = TransformStore(self.output_dir, self.settings)
+        pairs = self.plan() if pairs is None else pairs
+        done = store.done()
+        pending = [p for p in pairs if p.key not in done]
+        if self.num_threads:
+            torch.set_num_threads(int(self.num_threads))
+        bar = tqdm(total=len(pairs), initial=len(pairs) - len(pending), desc="registration", unit="pair",
+                   disable=not self.progress)
+        batches = [pending[s : s + self.batch_size] for s in range(0, len(pending), self.batch_size)]
+        if max_batches is not None:
+            batches = batches[:max_batches]
+
+        def commit(results) -> None:
+            store.commit(results)
+            failed = sum(not r.ok for r in results)
+            if failed:
+                logger.warning("%d of %d pairs failed in this batch", failed, len(results))
+            bar.update(len(results))
+
+        try:
+            if self.workers > 1:
+                self._register_parallel(batches, commit)
+            else:
+                for batch in batches:
+                    commit(self.engine.register_batch(batch))
+        finally:
+            bar.close()
+        return store
+
+    def _register_parallel(self, batches: list[list[PairSpec]], commit) -> None:
+        """Batches on ``workers`` processes; results committed here as they arrive."""
+        args = (self.engine_name, self.engine_kwargs, self.num_threads or 1)
+        ctx = multiprocessing.get_context("spawn")  # no fork after torch threads started
+        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args) as pool:
+            queue = list(batches)
+            running = set()
+            while queue or running:
+                while queue and len(running) < 2 * self.workers:
+                    running.add(pool.submit(_register_in_worker, queue.pop(0)))
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    commit(future.result())
+
+    # ------------------------------------------------------------------ BRS + propagation
+    def select(self, table, targets: list[dict], labeled: list[dict]) -> dict[str, list]:
+        """BRS ranking of labeled partners for every target entry: ``id -> [BRSScore, ...]``."""
+        partners = [q["id"] for q in labeled]
+        return {t["id"]: self.selector.rank(table, t["id"], t["image"], partners) for t in targets}
+
+    def run(self) -> dict:
+        """The whole pipeline (see the module docstring); returns the summary it writes."""
+        t0 = time.perf_counter()
+        labeled, unlabeled, evaluation = self.entries()
+        pairs = plan_pairs(labeled, unlabeled, evaluation, self.reps_partners, self.seed)
+        self.register(pairs)
+        t_reg = time.perf_counter() - t0
+        store = TransformStore(self.output_dir)
+        table = store.consolidate()
+        ranking = self.select(table, unlabeled, labeled)
+        propagate = PropagateLabeld(
+            "registered_label",
+            table,
+            {q["id"]: q["label"] for q in labeled},
+            self.output_dir / "registered_labels",
+            mode=self.propagation_mode,
+            num_classes=self.num_classes,
+        )
+        data = read_datalist(self.datalist)
+        out_unlabeled = []
+        for entry in data.get("unlabeled", []):
+            ranked = ranking.get(entry["id"], [])
+            best = ranked[0] if ranked and math.isfinite(ranked[0].score) else None
+            entry = dict(entry)
+            if best is None:
+                entry.update(registered_label=None, partner=None, brs_score=None)
+            else:
+                entry = propagate({**entry, "partner": best.partner})
+                entry["brs_score"] = float(best.score)
+            out_unlabeled.append(entry)
+        data["unlabeled"] = out_unlabeled
+        write_json(self.output_dir / "rsl_datalist.json", data)
+        write_json(
+            self.output_dir / "brs.json",
+            {t: [s.__dict__ for s in scores] for t, scores in ranking.items()},
+        )
+        summary = {
+            "settings": self.settings,
+            "output_dir": str(self.output_dir),
+            "pairs": len(pairs),
+            "failed": table.failures(),
+            "registration_seconds": t_reg,
+            "median_seconds_per_pair": float(
+                torch.tensor([s for s in table.seconds if math.isfinite(s)] or [math.nan]).median()
+            ),
+        }
+        if evaluation:
+            summary["baseline"] = run_baseline(
+                table, labeled, evaluation, self.selector, self.output_dir / "baseline",
+                self.top_k, self.propagation_mode, self.num_classes, read_class_names(self.datalist),
+            )
+        write_json(self.output_dir / "summary.json", summary)
+        logger.info("registration done: %s", json.dumps({k: summary[k] for k in ("pairs", "registration_seconds")}))
+        return summary
+
+
+_WORKER_ENGINE = None
+
+
+def _init_worker(engine: str, settings: dict, threads: int) -> None:
+    """Process-pool initialiser: one engine (and volume cache) per worker process."""
+    global _WORKER_ENGINE
+    torch.set_num_threads(int(threads))
+    _WORKER_ENGINE = make_engine(engine, **settings)
+
+
+def _register_in_worker(batch: list[PairSpec]):
+    return _WORKER_ENGINE.register_batch(batch)
+
+
+def read_class_names(datalist: str | os.PathLike) -> dict[int, str]:
+    """Foreground class names of a datalist (``labels`` without background)."""
+    labels = read_datalist(datalist).get("labels") or {"1": "1", "2": "2", "3": "3"}
+    return {int(k): v for k, v in labels.items() if int(k) != 0}

@@ -1,0 +1,75 @@
+"""Two iterations of CCT-R + SCL + REPS (and CTS + MCSC) on the tiny phantom, through the bundle configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.phantom import load_phantom_subjects, true_transform
+from scripts.registration.engine import PairResult
+from scripts.registration.store import TransformStore
+from scripts.registration.transform import PairTransform
+from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("phantom")
+    paths = make_rsl_datalist(root)
+    subjects = load_phantom_subjects(Path(paths["plain"]).parent)
+    listed = json.loads(Path(paths["rsl"]).read_text())
+    ids = [e["id"] for s in ("training", "unlabeled") for e in listed[s]]
+    store = TransformStore(root / "registration", settings={"engine": "truth"})
+    store.commit([PairResult(i, j, PairTransform(true_transform(subjects[i], subjects[j]))) for i in ids for j in ids if i != j])
+    store.consolidate()
+    return {**paths, "registration": str(root / "registration")}
+
+
+def _train(run_dir: Path, files: list[str], datalist: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalist, "num_iterations": 2, "val_interval": 2,
+                   "monitor_max_volumes": 0, **overrides})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        parser.get_parsed_content("train#trainer").run()
+    finally:
+        os.chdir(cwd)
+    return parser
+
+
+def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, data):
+    parser = _train(tmp_path, ["train.yaml", "cct_r.yaml", "scl.yaml", "reps.yaml"], data["rsl"],
+                    reps_registration_dir=data["registration"], cl_num_anchors=50, cl_num_negatives=50)
+    trainer, term = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("contrastive#module")
+    assert trainer.state.iteration == 2
+    terms = trainer.state.output["terms"]
+    assert {"cl_a", "cl_b", "rsl_a", "sup_b"} <= set(terms)
+    assert all(np.isfinite(float(terms[k])) and float(terms[k]) > 0 for k in ("cl_a", "cl_b"))
+    # the banks hold the last slices (ids of training volumes), within the (M+K)/5 capacity
+    assert set(term.banks) == {"a", "b"}
+    assert 0 < len(term.banks["a"]) <= term.capacity
+    assert all(0 <= v < len(term.correspondence) for v, _ in term.banks["a"].keys())
+    # projectors train with their networks' optimizers and are checkpointed outside the networks
+    proj_ids = {id(p) for p in term.projector_parameters("a")}
+    assert proj_ids <= {id(p) for g in parser.get_parsed_content("optimizer").param_groups for p in g["params"]}
+    state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("projectors.b.") for k in state["contrastive"])
+    model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert model.keys() == parser.get_parsed_content("network_def").state_dict().keys()
+
+
+def test_cts_with_mcsc_trains(tmp_path, data):
+    parser = _train(tmp_path, ["train.yaml", "cct_r.yaml", "cts.yaml", "scl.yaml", "mcsc.yaml"], data["plain"],
+                    **{"contrastive#term#mcsc_max_samples": 64})
+    terms = parser.get_parsed_content("train#trainer").state.output["terms"]
+    assert "rsl_a" not in terms and float(terms["cl_a"]) > 0 and float(terms["cl_b"]) > 0
