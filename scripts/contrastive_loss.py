@@ -47,6 +47,20 @@ class ContrastiveSamples:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat(self.anchors)
 
+    def compact(self) -> tuple[torch.Tensor, "ContrastiveSamples"]:
+        """``(pixels, samples)``: the distinct sampled flat pixels, and these samples re-indexed into them.
+
+        ``loss_from_samples(project(pixels), compact_samples)`` equals
+        ``loss_from_samples(project(all pixels), samples)``: only the sampled pixels need embedding.
+        """
+        parts = self.anchors + self.negatives
+        if not parts:
+            return torch.zeros(0, dtype=torch.long), ContrastiveSamples(list(self.classes), [], [])
+        pixels, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        pieces = list(torch.split(inverse, [p.numel() for p in parts]))
+        k = len(self.anchors)
+        return pixels, ContrastiveSamples(list(self.classes), pieces[:k], pieces[k:])
+
 
 def flatten_pixels(x: torch.Tensor) -> torch.Tensor:
     """``(B, D, H, W) -> (B * H * W, D)`` in ``(b, h, w)`` order (the order of ``labels.reshape(-1)``)."""

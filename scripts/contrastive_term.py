@@ -177,21 +177,31 @@ class ContrastiveTerm(nn.Module):
             raise ValueError(f"no contrastive branch {which!r} (have {list(self.taps)})")
         labels = torch.cat([batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(), peer_probs.detach().argmax(1)])
         confidence = torch.softmax(logits.detach().float(), 1).max(1).values
-        emb = self.projectors[which](self.taps[which].features())
+        features = self.taps[which].features()
+        projectors = self.projectors[which]
+        # Dense embeddings only where a whole map is needed: MCSC, and the scale stored in the REPS bank.
+        # SCL elsewhere embeds just its sampled pixels (the 1x1 heads as linear layers on gathered features).
+        dense = {s for s in self.scales if self.loss_name == "mcsc" or (self.reps and s == self.bank_scale)}
+        emb = {s: projectors[s](features[s]) for s in self.scales if s in dense}
         geometry = self._batch_geometry(batch, labels.shape[0]) if self.reps else None
         losses = []
-        for scale, e in emb.items():
-            stride = SCALES[scale]
+        for scale in self.scales:
+            stride, f = SCALES[scale], features[scale]
             lab, conf = block_labels(labels, confidence, stride, self.num_classes)
-            lab, conf = lab[:, : e.shape[2], : e.shape[3]], conf[:, : e.shape[2], : e.shape[3]]
+            lab, conf = lab[:, : f.shape[2], : f.shape[3]], conf[:, : f.shape[2], : f.shape[3]]
             if self.loss_name == "mcsc":
-                losses.append(self.loss(e, lab, conf))
+                losses.append(self.loss(emb[scale], lab, conf))
                 continue
             samples = self.loss.sample(lab, conf)
             registered = None
             if self.reps and scale == self.bank_scale:
-                registered = self._registered(which, samples.all_anchors(), lab.shape, stride, *geometry, e.shape[1])
-            losses.append(self.loss.loss_from_samples(flatten_pixels(e), samples, registered))
+                registered = self._registered(which, samples.all_anchors(), lab.shape, stride, *geometry, projectors.out_channels)
+            if scale in emb:
+                flat = flatten_pixels(emb[scale])
+            else:
+                pixels, samples = samples.compact()
+                flat = projectors.project_pixels(scale, f, pixels)
+            losses.append(self.loss.loss_from_samples(flat, samples, registered))
         if self.reps:
             e = emb[self.bank_scale]
             volume, slices, frames = geometry

@@ -124,22 +124,26 @@ class SliceFeatureBank:
         vol, sl = vol.to(dev), sl.to(dev)
         slot = self.slot_of[vol.clamp(0, self.slot_of.shape[0] - 1), sl.clamp(0, self.slot_of.shape[1] - 1)]
         found = ok.reshape(-1).to(dev) & (slot >= 0)
-        slot = slot.clamp_min(0)
-        frame = self.frames[slot]  # (N, 2, 3)
-        p = uv.reshape(-1, 2).to(torch.float64).to(dev)
-        rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (N, 2) map pixel coordinates
-        found &= torch.isfinite(rc).all(1)
+        out = torch.zeros((found.shape[0], self.channels), dtype=self.features.dtype, device=dev)
+        cand = found.nonzero()[:, 0]  # work only on points whose slice is stored (usually few)
+        frame = self.frames[slot[cand]]  # (n, 2, 3)
+        p = uv.reshape(-1, 2)[cand.to(uv.device)].to(torch.float64).to(dev)
+        rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (n, 2) map pixel coordinates
+        inside = torch.isfinite(rc).all(1)
         rc = torch.nan_to_num(rc, nan=-10.0)
-        found &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
-        r = rc[:, 0].clamp(0, self.height - 1)
-        c = rc[:, 1].clamp(0, self.width - 1)
-        r0, c0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0), c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
-        r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
-        fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
-        f = self.features
-        out = (f[slot, r0, c0] * (1 - fr) * (1 - fc) + f[slot, r0, c1] * (1 - fr) * fc
-               + f[slot, r1, c0] * fr * (1 - fc) + f[slot, r1, c1] * fr * fc)
-        out = torch.where(found[:, None], out, torch.zeros_like(out))
+        inside &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
+        found[cand[~inside]] = False
+        hit, rc = cand[inside], rc[inside]
+        if hit.numel():
+            r = rc[:, 0].clamp(0, self.height - 1)
+            c = rc[:, 1].clamp(0, self.width - 1)
+            r0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0)
+            c0 = c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
+            r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
+            fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
+            f, s = self.features, slot[hit]
+            out[hit] = (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
+                        + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
         return out.reshape(*shape, self.channels), found.reshape(shape)
 
 
@@ -156,9 +160,11 @@ def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFe
     """
     if volume.numel() == 0:
         return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=bank.features.device), torch.zeros(0, dtype=torch.bool)
-    z, uv_j, ok = correspondence.map_slice_points(volume, slice_index, uv)
-    targets = torch.arange(len(correspondence)).expand_as(z)
-    feats, found = bank.lookup(targets, z, uv_j, ok)  # (A, V, D), (A, V)
-    count = found.sum(1)
-    mean = feats.sum(1) / count.clamp_min(1)[:, None].to(feats.dtype)
+    rows, targets, z, uv_j, ok = correspondence.map_to_partners(volume, slice_index, uv)
+    feats, found = bank.lookup(targets, z, uv_j, ok)  # (E, D), (E,): one row per (anchor, registered partner)
+    n = volume.shape[0]
+    rows = rows.to(feats.device)
+    total = torch.zeros((n, bank.channels), dtype=feats.dtype, device=feats.device).index_add_(0, rows[found], feats[found])
+    count = torch.zeros(n, dtype=torch.long, device=feats.device).index_add_(0, rows[found], torch.ones_like(rows[found]))
+    mean = total / count.clamp_min(1)[:, None].to(feats.dtype)
     return mean, count > 0

@@ -39,6 +39,16 @@ class ProjectionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=1)
 
+    def project_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """The same head on gathered pixel features: ``(P, C) -> (P, out_channels)``, unit norm.
+
+        Identical to :meth:`forward` at those pixels (the 1x1 convolutions as linear layers), so
+        a loss that uses a few thousand sampled pixels need not project the whole map.
+        """
+        first, last = self.net[0], self.net[2]
+        h = F.relu(F.linear(x, first.weight.flatten(1), first.bias))
+        return F.normalize(F.linear(h, last.weight.flatten(1), last.bias), dim=1)
+
 
 class ScaleProjectors(nn.ModuleDict):
     """One :class:`ProjectionHead` per scale: ``{scale: in_channels}`` -> ``{scale: head}``.
@@ -55,3 +65,10 @@ class ScaleProjectors(nn.ModuleDict):
         if missing:
             raise KeyError(f"ScaleProjectors: no feature map for scales {missing} (got {list(features)})")
         return {s: head(features[s]) for s, head in self.items()}
+
+    def project_pixels(self, scale: str, feature: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the pixels ``flat_index`` (``(b, h, w)`` order) of a ``(B, C, H, W)`` map: ``(P, out)``."""
+        b, _, h, w = feature.shape
+        flat_index = flat_index.to(feature.device)
+        gathered = feature.flatten(2)[flat_index // (h * w), :, flat_index % (h * w)]  # (P, C)
+        return self[scale].project_vectors(gathered)

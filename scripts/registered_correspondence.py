@@ -58,7 +58,11 @@ class RegisteredCorrespondence:
             ok[ii, jj] = True
         self.voxel_maps = torch.as_tensor(maps)  # (V, V, 4, 4) float64
         self.available = torch.as_tensor(ok)  # (V, V)
-        self.affines = torch.as_tensor(a)
+        # registered partners of each volume, CSR: partners of n are partner_index[partner_ptr[n]:partner_ptr[n+1]]
+        counts = ok.sum(1).astype(np.int64) if v else np.zeros(0, dtype=np.int64)
+        self.partner_count = torch.as_tensor(counts)
+        self.partner_ptr = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        self.partner_index = torch.as_tensor(np.nonzero(ok)[1].astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,21 +90,47 @@ class RegisteredCorrespondence:
             volume ``j`` and the in-plane coordinates there; ``ok`` where ``T_ij`` exists and the
             point falls inside ``j``'s slice range (in-plane bounds are checked by the look-up).
         """
-        volume, slice_index = volume.long().cpu(), slice_index.long().cpu()
-        uv = uv.to(torch.float64).cpu()
+        volume = volume.long().cpu()
+        n, v = volume.shape[0], len(self)
+        rows = torch.arange(n).repeat_interleave(v)
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], torch.arange(v).repeat(n))
+        return z.reshape(n, v), uv_j.reshape(n, v, 2), ok.reshape(n, v)
+
+    def map_to_partners(self, volume: torch.Tensor, slice_index: torch.Tensor,
+                        uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`map_slice_points` restricted to the registered partners of each point's volume.
+
+        Returns flat ``(point (E,), volume_j (E,), slice_j (E,), uv_j (E, 2), ok (E,))``, one row per
+        (point, registered partner): with a few partners per volume (``reps_partners``) this is a small
+        fraction of the work of mapping every point to every volume.
+        """
+        volume = volume.long().cpu()
+        counts = self.partner_count[volume]
+        rows = torch.arange(volume.shape[0]).repeat_interleave(counts)
+        # position of each row within its point's partner list
+        first = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(rows.shape[0]) - first.repeat_interleave(counts)
+        targets = self.partner_index[self.partner_ptr[volume[rows]] + offset]
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], targets)
+        return rows, targets, z, uv_j, ok
+
+    def _map_pairs(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Points of slices ``(volume, slice_index)`` at ``uv`` (all ``(N,)`` / ``(N, 2)``) -> volumes ``targets (N,)``."""
+        uv = uv.to(torch.float64)
         n = volume.shape[0]
-        axes_i = self.axes[volume]  # (A,)
+        axes_i = self.axes[volume]  # (N,)
         vox = torch.empty((n, 3), dtype=torch.float64)
         plane = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_i]  # in-plane axes per point
         vox.scatter_(1, plane, uv)
         vox.scatter_(1, axes_i[:, None], slice_index[:, None].to(torch.float64))
-        m = self.voxel_maps[volume]  # (A, V, 4, 4)
-        vox_j = torch.einsum("avij,aj->avi", m[..., :3, :3], vox) + m[..., :3, 3]  # (A, V, 3)
-        axes_j = self.axes[None, :].expand(n, -1)  # (A, V)
-        z = vox_j.gather(2, axes_j[..., None])[..., 0].round().long()
-        plane_j = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_j]  # (A, V, 2)
-        uv_j = vox_j.gather(2, plane_j)
-        ok = self.available[volume] & (z >= 0) & (z < self.num_slices()[None, :])
+        m = self.voxel_maps[volume, targets]  # (N, 4, 4)
+        vox_j = (m[:, :3, :3] @ vox[..., None])[..., 0] + m[:, :3, 3]  # (N, 3)
+        axes_j = self.axes[targets]  # (N,)
+        z = vox_j.gather(1, axes_j[:, None])[:, 0].round().long()
+        plane_j = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_j]  # (N, 2)
+        uv_j = vox_j.gather(1, plane_j)
+        ok = self.available[volume, targets] & (z >= 0) & (z < self.num_slices()[targets])
         return z.clamp(0, max(self.max_slices - 1, 0)), uv_j, ok
 
     @classmethod

@@ -159,3 +159,27 @@ def test_projection_head_shapes_and_unit_norm():
     assert out.shape == (2, 128, 5, 7)
     assert torch.allclose(out.norm(dim=1), torch.ones(2, 5, 7), atol=1e-5)
     assert [m.out_channels for m in head.net if hasattr(m, "out_channels")] == [256, 128]
+
+
+def test_sparse_projection_equals_dense_loss_and_gradients():
+    """SCL on only the sampled pixels (projected as vectors) equals SCL on the densely projected map."""
+    from scripts.projector import ScaleProjectors
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 16, 9, 11, generator=g)
+    labels = torch.randint(0, 3, (2, 9, 11), generator=g)
+    conf = torch.rand(2, 9, 11, generator=g)
+    heads = ScaleProjectors({"full": 16})
+    loss_fn = SupervisedPixelContrastiveLoss(3, threshold=0.2, num_anchors=20, num_negatives=15, temperature=0.1)
+    samples = loss_fn.sample(labels, conf, torch.Generator().manual_seed(0))
+    assert sum(a.numel() for a in samples.anchors) < labels.numel()  # caps bind: a real subset
+
+    dense = loss_fn.loss_from_samples(flatten_pixels(heads({"full": feats})["full"]), samples)
+    dense_grads = torch.autograd.grad(dense, list(heads.parameters()))
+    pixels, compact = samples.compact()
+    assert pixels.numel() < labels.numel() and torch.equal(pixels, torch.unique(pixels))
+    sparse = loss_fn.loss_from_samples(heads.project_pixels("full", feats, pixels), compact)
+    sparse_grads = torch.autograd.grad(sparse, list(heads.parameters()))
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+    for a, b in zip(dense_grads, sparse_grads):
+        assert torch.allclose(a, b, atol=1e-6)

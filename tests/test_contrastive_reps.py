@@ -108,3 +108,27 @@ def test_registered_positive_is_the_true_corresponding_point():
     # a volume never finds itself, and a missing slice gives no positive
     reg0, avail0 = registered_positives(corr, bank, torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), uv[:3])
     assert not avail0.any()
+
+
+def test_map_to_partners_equals_mapping_to_every_volume_on_registered_pairs():
+    rng = np.random.default_rng(4)
+    ids = [f"v{i}" for i in range(5)]
+    affines = [np.diag([1.5, 1.5, 10.0, 1.0]) for _ in ids]
+    transforms = {}
+    for i in ids:
+        for j in ids:
+            if i != j and rng.random() < 0.5:
+                t = np.eye(4)
+                t[:3, 3] = rng.normal(0, 3, 3)
+                transforms[(i, j)] = t
+    corr = RegisteredCorrespondence(ids, affines, [(20, 20, 6)] * 5, transforms)
+    volume = torch.tensor([0, 1, 2, 3, 4, 2])
+    slices = torch.tensor([0, 5, 2, 3, 1, 4])
+    uv = torch.rand(6, 2, dtype=torch.float64) * 19
+    z_all, uv_all, ok_all = corr.map_slice_points(volume, slices, uv)
+    rows, targets, z, uv_j, ok = corr.map_to_partners(volume, slices, uv)
+    expected = {(a, j) for a in range(6) for j in range(5) if (ids[int(volume[a])], ids[j]) in transforms}
+    assert set(zip(rows.tolist(), targets.tolist())) == expected and len(rows) == len(expected)
+    assert torch.equal(z, z_all[rows, targets]) and torch.allclose(uv_j, uv_all[rows, targets])
+    assert torch.equal(ok, ok_all[rows, targets])
+    assert not ok_all[~corr.available[volume]].any()  # unregistered pairs are never usable
