@@ -73,3 +73,21 @@ def test_cts_with_mcsc_trains(tmp_path, data):
                     **{"contrastive#term#mcsc_max_samples": 64})
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert "rsl_a" not in terms and float(terms["cl_a"]) > 0 and float(terms["cl_b"]) > 0
+
+
+@pytest.mark.parametrize(
+    "files, trained",
+    [
+        (["train.yaml", "cct_r.yaml", "uamt.yaml", "uamt_rsl.yaml", "scl.yaml", "reps.yaml"], {"a"}),  # UAMT + RSL+SCL+REPS
+        (["train.yaml", "cct_r.yaml", "cps.yaml", "scl.yaml", "reps.yaml"], {"a", "b"}),  # CPS + RSL+SCL+REPS
+    ],
+    ids=["uamt", "cps"],
+)
+def test_table3_rows_with_rsl_scl_reps_train(tmp_path, data, files, trained):
+    parser = _train(tmp_path, files, data["rsl"], reps_registration_dir=data["registration"], rsl_weight=1.0,
+                    cl_num_anchors=50, cl_num_negatives=50)
+    terms = parser.get_parsed_content("train#trainer").state.output["terms"]
+    term = parser.get_parsed_content("contrastive#module")
+    assert {f"cl_{k}" for k in trained} <= set(terms) and all(float(terms[f"cl_{k}"]) > 0 for k in trained)
+    assert "rsl_a" in terms and float(terms["rsl_a"]) > 0
+    assert set(term.banks) == trained  # the UA-MT teacher is an EMA copy: no contrastive branch, no bank

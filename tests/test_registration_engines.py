@@ -62,12 +62,18 @@ def test_torch_batch_pairs_are_independent(tmp_path):
     assert _errors(r1, pts, t1)[0] < 1.25 and _errors(r2, pts, t2)[0] < 1.25
 
 
-def test_torch_deformable_exports_a_field_and_stays_accurate(tmp_path):
+@pytest.mark.parametrize(
+    "engine,settings",
+    [
+        ("torch", dict(FAST_TORCH, deformable=True, field_iterations=30, field_spacing=(25.0, 25.0, 30.0))),
+        ("sitk", dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15)),  # affine + B-spline (CT)
+    ],
+)
+def test_deformable_exports_a_field_and_stays_accurate(tmp_path, engine, settings):
     torch.set_num_threads(1)
     t_true = known_affine((0, 0, 5.0), (1.0, 1.0, 1.0), (4.0, -3.0, 0.0))
     spec, pts = _pair(tmp_path, t_true)
-    settings = dict(FAST_TORCH, deformable=True, field_iterations=30, field_spacing=(25.0, 25.0, 30.0))
-    (res,) = make_engine("torch", **settings).register_batch([spec])
+    (res,) = make_engine(engine, **settings).register_batch([spec])
     assert res.ok and not res.transform.is_affine
     assert res.transform.field.shape[0] == 3
     assert _errors(res, pts, t_true)[0] < 2.5  # within a voxel: the field must not wreck the affine

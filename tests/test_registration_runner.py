@@ -14,33 +14,43 @@ from scripts.datalist import load_datalist
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_config_run_writes_rsl_datalist_and_baseline(tmp_path):
+def test_config_run_writes_rsl_datalist_and_baseline(tmp_path, monkeypatch):
     torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)  # the default bundle_root is "." (run from the bundle root)
     datalist = phantom.ensure_phantom_dataset(tmp_path / "ph", n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0)
     parser = ConfigParser()
     parser.read_config(str(REPO / "configs" / "registration.yaml"))
-    parser["bundle_root"] = str(tmp_path)
+    parser["bundle_root"] = "."
     parser["datalist_file"] = datalist
     parser["torch_settings"]["levels"] = [6.0]
     parser["torch_settings"]["iterations"] = [15]
     parser["torch_settings"]["num_points"] = 512
     parser["registration_runner"]["progress"] = False
+    parser["registration_runner"]["random_partner_datalist"] = True
     runner = parser.get_parsed_content("registration_runner")
     summary = runner.run()
     out = Path(summary["output_dir"])
-    assert out.parent == tmp_path / "registration" and out.name.startswith("torch_affine_")
+    assert out.resolve().parent == tmp_path / "registration" and out.name.startswith("torch_affine_")
     assert summary["pairs"] == 2 * 2 * 2 + 2 * 1 * 2  # labeled <-> unlabeled and labeled <-> validation
     rsl = json.loads((out / "rsl_datalist.json").read_text())
     labeled_ids = {e["id"] for e in load_datalist(datalist, "training")}
     images = {e["id"]: e["image"] for e in load_datalist(datalist, "unlabeled")}
     assert len(rsl["unlabeled"]) == 2 and rsl["training"] == load_datalist(datalist, "training")
-    for entry in rsl["unlabeled"]:
+    # registered labels are stored relative to the datalist's folder, so the folder can move
+    assert all(not Path(e["registered_label"]).is_absolute() for e in rsl["unlabeled"])
+    moved = tmp_path / "elsewhere"
+    (out.resolve()).rename(moved)
+    for entry in load_datalist(moved / "rsl_datalist.json", "unlabeled"):
         assert entry["partner"] in labeled_ids and isinstance(entry["brs_score"], float)
         reg, img = nib.load(entry["registered_label"]), nib.load(images[entry["id"]])
-        assert Path(entry["registered_label"]).is_absolute()
         assert reg.shape == img.shape and np.allclose(reg.affine, img.affine, atol=1e-4)
         assert set(np.unique(np.asarray(reg.dataobj))) <= {0, 1, 2, 3}
         assert np.asarray(reg.dataobj).any()
+    moved.rename(out.resolve())
+    # the no-BRS ablation datalist: a labeled partner for every unlabeled volume, its label on disk
+    rand = load_datalist(out / "rsl_datalist_random.json", "unlabeled")
+    assert [e["id"] for e in rand] == [e["id"] for e in rsl["unlabeled"]]
+    assert all(e["partner"] in labeled_ids and Path(e["registered_label"]).exists() for e in rand)
     base = json.loads((out / "baseline" / "baseline.json").read_text())
     assert base["brs"]["cases"] == 1 and 0.0 <= base["brs"]["mean_dice"] <= 1.0
     assert (out / "baseline" / "brs" / "metrics_summary.csv").exists()

@@ -8,7 +8,9 @@
 3. consolidates the store, selects the best labeled partner of every unlabeled volume (BRS) and
    caches its propagated label on the unlabeled volume's grid,
 4. writes ``rsl_datalist.json`` (the input datalist + ``registered_label``, ``partner``,
-   ``brs_score`` per unlabeled entry), ``brs.json`` and ``summary.json``,
+   ``brs_score`` per unlabeled entry), ``brs.json`` and ``summary.json``; with
+   ``random_partner_datalist`` also ``rsl_datalist_random.json``, the same with a random labeled
+   partner (registered both ways) instead of the BRS choice (the ablation's "+RSL" row),
 5. optionally evaluates the registration-only baseline on the evaluation sections.
 """
 
@@ -19,6 +21,7 @@ import logging
 import math
 import multiprocessing
 import os
+import random
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -76,6 +79,7 @@ class RegistrationRunner:
         workers: int = 0,
         progress: bool = True,
         seed: int = 0,
+        random_partner_datalist: bool = False,
     ) -> None:
         self.datalist = Path(datalist)
         self.engine_name, self.engine_kwargs = engine, dict(engine_settings or {})
@@ -93,6 +97,7 @@ class RegistrationRunner:
         self.workers = int(workers or 0)
         self.progress = progress
         self.seed = int(seed)
+        self.random_partner_datalist = bool(random_partner_datalist)
 
     # ------------------------------------------------------------------ data
     def _section(self, name: str) -> list[dict]:
@@ -185,19 +190,33 @@ class RegistrationRunner:
             num_classes=self.num_classes,
         )
         data = read_datalist(self.datalist)
-        out_unlabeled = []
-        for entry in data.get("unlabeled", []):
-            ranked = ranking.get(entry["id"], [])
-            best = ranked[0] if ranked and math.isfinite(ranked[0].score) else None
-            entry = dict(entry)
-            if best is None:
-                entry.update(registered_label=None, partner=None, brs_score=None)
-            else:
-                entry = propagate({**entry, "partner": best.partner})
-                entry["brs_score"] = float(best.score)
-            out_unlabeled.append(entry)
-        data["unlabeled"] = out_unlabeled
-        write_json(self.output_dir / "rsl_datalist.json", data)
+
+        def best_partner(ranked):  # BRS: the lowest round-trip score
+            return ranked[0] if ranked and math.isfinite(ranked[0].score) else None
+
+        rng = random.Random(self.seed)
+
+        def random_partner(ranked):  # "+RSL" without BRS (ablation): any partner registered both ways
+            usable = sorted((r for r in ranked if math.isfinite(r.score)), key=lambda r: r.partner)
+            return rng.choice(usable) if usable else None
+
+        choices = {"rsl_datalist.json": best_partner}
+        if self.random_partner_datalist:
+            choices["rsl_datalist_random.json"] = random_partner
+        for filename, choose in choices.items():
+            out_unlabeled = []
+            for entry in data.get("unlabeled", []):
+                chosen = choose(ranking.get(entry["id"], []))
+                entry = dict(entry)
+                if chosen is None:
+                    entry.update(registered_label=None, partner=None, brs_score=None)
+                else:
+                    entry = propagate({**entry, "partner": chosen.partner})
+                    # relative to the datalist's folder (how datalists resolve paths): the folder can move
+                    entry["registered_label"] = os.path.relpath(os.path.abspath(entry["registered_label"]), os.path.abspath(self.output_dir))
+                    entry["brs_score"] = float(chosen.score)
+                out_unlabeled.append(entry)
+            write_json(self.output_dir / filename, {**data, "unlabeled": out_unlabeled})
         write_json(
             self.output_dir / "brs.json",
             {t: [s.__dict__ for s in scores] for t, scores in ranking.items()},
