@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -85,7 +86,9 @@ class RegistrationRunner:
         self.engine_name, self.engine_kwargs = engine, dict(engine_settings or {})
         self.engine = make_engine(engine, **self.engine_kwargs)
         self.settings = self.engine.settings()
-        self.output_dir = Path(output_root) / settings_key(self.settings)
+        # one folder per (engine settings, datalist): runs on different datalists never overwrite each other
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.datalist.stem) or "datalist"
+        self.output_dir = Path(output_root) / f"{settings_key(self.settings)}_{stem}"
         self.batch_size = max(1, int(batch_size))
         self.reps_partners = reps_partners
         self.evaluation_sections = list(evaluation_sections or [])
