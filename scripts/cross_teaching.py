@@ -239,6 +239,35 @@ class CrossTeachingTrainer(SupervisedTrainer):
         return loss_a, terms
 
     # ------------------------------------------------------------------ one iteration
+    def _contrastive_ddp(self) -> list[torch.Tensor] | None:
+        """The projector parameters when they must be kept in step across DDP processes, else ``None``.
+
+        The projector heads live outside the DDP-wrapped networks, so DDP neither broadcasts nor
+        averages them: :meth:`_iteration` does (rank 0's weights at the first iteration, after any
+        checkpoint was loaded; gradients averaged after every backward)."""
+        if self.contrastive is None or self.contrastive_weight <= 0:
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        if torch.distributed.get_world_size() < 2:
+            return None
+        return list(self.contrastive.parameters())
+
+    def _sync_contrastive(self, first: bool) -> None:
+        params = self._contrastive_ddp()
+        if not params:
+            return
+        dist, world = torch.distributed, torch.distributed.get_world_size()
+        if first:
+            for p in params:
+                dist.broadcast(p.data, src=0)
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
     def _optimizers(self) -> list[Optimizer]:
         return [self.optimizer] + ([self.optimizer_b] if self.optimizer_b is not None else [])
 
@@ -250,6 +279,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w = engine.w_cps(iteration)
         engine.network.train()
         engine.net_b.train()
+        if not getattr(engine, "_contrastive_synced", False):
+            engine._sync_contrastive(first=True)
+            engine._contrastive_synced = True
         for opt in engine._optimizers():
             opt.zero_grad(set_to_none=engine.optim_set_to_none)
 
@@ -268,12 +300,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if use_scaler:
             engine.scaler.scale(loss).backward()
+            engine._sync_contrastive(first=False)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in engine._optimizers():
                 engine.scaler.step(opt)
             engine.scaler.update()
         else:
             loss.backward()
+            engine._sync_contrastive(first=False)
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in engine._optimizers():
                 opt.step()

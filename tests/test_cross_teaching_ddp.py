@@ -13,15 +13,17 @@ from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
 
 
 def test_cct_r_under_torchrun_two_processes(tmp_path):
+    """CCT-R with SCL: DDP keeps the networks and also the projector heads (outside DDP) identical."""
     data = make_rsl_datalist(tmp_path / "data", n_validation=2)  # one validation volume per process
     run_dir = tmp_path / "run"
     overrides = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in FAST.items()]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train.yaml','configs/cct_r.yaml','configs/multi_gpu_train.yaml']",
+        "--config_file", "['configs/train.yaml','configs/cct_r.yaml','configs/scl.yaml','configs/multi_gpu_train.yaml']",
         "--bundle_root", str(run_dir), "--datalist_file", data["rsl"],
-        "--num_iterations", "2", "--val_interval", "2", *overrides,
+        "--num_iterations", "2", "--val_interval", "2", "--cl_threshold", "0.0", "--cl_num_anchors", "50",
+        "--cl_num_negatives", "50", *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -34,6 +36,10 @@ def test_cct_r_under_torchrun_two_processes(tmp_path):
     # DDP keeps both networks identical on every process ...
     for name, value in rank0["network"].items():
         torch.testing.assert_close(rank1["network"][name], value, msg=name)
+    # ... and the projector heads, which live outside DDP, are broadcast and gradient-averaged too
+    assert any(k.startswith("projectors.a.") for k in rank0["contrastive"])
+    for name, value in rank0["contrastive"].items():
+        torch.testing.assert_close(rank1["contrastive"][name], value, msg=name)
     # ... while each process draws its own slices
     assert not torch.equal(rank0["rng"]["torch"], rank1["rng"]["torch"])
     model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
