@@ -101,6 +101,7 @@ class ContrastiveTerm(nn.Module):
         if correspondence is not None:
             self.capacity = bank_capacity(int(correspondence.num_slices().sum()), 0, bank_fraction, bank_max_slices)
         self.banks: dict[str, SliceFeatureBank] = {}
+        self.reps_found: dict[str, float] = {}
 
     @property
     def reps(self) -> bool:
@@ -148,6 +149,8 @@ class ContrastiveTerm(nn.Module):
         if which in self.banks and known.any():
             reg, avail = registered_positives(self.correspondence, self.banks[which], vol[known], slices[sample][known], uv[known])
             out[known], found[known] = reg.float().cpu(), avail.cpu()
+        # share of this iteration's anchors that found a registered positive (logged by the trainer)
+        self.reps_found[which] = float(found.float().mean()) if found.numel() else 0.0
         return out.to(flat_idx.device), found.to(flat_idx.device)
 
     @staticmethod

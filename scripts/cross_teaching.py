@@ -314,6 +314,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if engine.consistency == "mean_teacher":
             terms["ema_alpha"] = torch.tensor(ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration))
         terms["w_cps"] = torch.tensor(w)
+        if engine.contrastive is not None and engine.contrastive_weight > 0:
+            for which, share in getattr(engine.contrastive, "reps_found", {}).items():
+                terms[f"reps_found_{which}"] = torch.tensor(share)  # anchors with a registered positive
         engine.state.output["terms"] = {k: v.detach().float() for k, v in terms.items()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

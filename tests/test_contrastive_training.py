@@ -55,6 +55,7 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     terms = trainer.state.output["terms"]
     assert {"cl_a", "cl_b", "rsl_a", "sup_b"} <= set(terms)
     assert all(np.isfinite(float(terms[k])) and float(terms[k]) > 0 for k in ("cl_a", "cl_b"))
+    assert all(0.0 <= float(terms[f"reps_found_{k}"]) <= 1.0 for k in ("a", "b"))  # logged REPS coverage
     # the banks hold the last slices (ids of training volumes), within the (M+K)/5 capacity
     assert set(term.banks) == {"a", "b"}
     assert 0 < len(term.banks["a"]) <= term.capacity
