@@ -176,6 +176,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
             raise ValueError("contrastive_weight > 0 needs a contrastive term (scripts.contrastive_term.ContrastiveTerm)")
         self.contrastive = contrastive
         self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
+        self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     # ------------------------------------------------------------------ loss terms
     def w_cps(self, iteration: int) -> float:
@@ -207,7 +209,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
-        if self.contrastive is not None and self.contrastive_weight > 0:
+        if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, torch.softmax(out_b[n:].detach().float(), 1), batch)
             terms["cl_b"] = self.contrastive("b", out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
@@ -232,40 +234,35 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
-        if self.contrastive is not None and self.contrastive_weight > 0:
+        if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, target, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
         terms["loss_a"] = loss_a
         return loss_a, terms
 
     # ------------------------------------------------------------------ one iteration
-    def _contrastive_ddp(self) -> list[torch.Tensor] | None:
-        """The projector parameters when they must be kept in step across DDP processes, else ``None``.
+    def _ddp_projector_parameters(self) -> list[torch.Tensor]:
+        """The projector parameters when they must be kept in step across DDP processes, else ``[]``.
 
         The projector heads live outside the DDP-wrapped networks, so DDP neither broadcasts nor
         averages them: :meth:`_iteration` does (rank 0's weights at the first iteration, after any
         checkpoint was loaded; gradients averaged after every backward)."""
-        if self.contrastive is None or self.contrastive_weight <= 0:
-            return None
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        if torch.distributed.get_world_size() < 2:
-            return None
+        dist = torch.distributed
+        if not self.contrastive_on or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return []
         return list(self.contrastive.parameters())
 
-    def _sync_contrastive(self, first: bool) -> None:
-        params = self._contrastive_ddp()
-        if not params:
-            return
-        dist, world = torch.distributed, torch.distributed.get_world_size()
-        if first:
-            for p in params:
-                dist.broadcast(p.data, src=0)
-            return
+    def _broadcast_projectors(self) -> None:
+        for p in self._ddp_projector_parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+    def _average_projector_grads(self) -> None:
+        params = self._ddp_projector_parameters()
+        world = torch.distributed.get_world_size() if params else 1
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            torch.distributed.all_reduce(p.grad)
             p.grad /= world
 
     def _optimizers(self) -> list[Optimizer]:
@@ -279,9 +276,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w = engine.w_cps(iteration)
         engine.network.train()
         engine.net_b.train()
-        if not getattr(engine, "_contrastive_synced", False):
-            engine._sync_contrastive(first=True)
-            engine._contrastive_synced = True
+        if not engine._projectors_broadcast:
+            engine._broadcast_projectors()
+            engine._projectors_broadcast = True
         for opt in engine._optimizers():
             opt.zero_grad(set_to_none=engine.optim_set_to_none)
 
@@ -300,21 +297,21 @@ class CrossTeachingTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if use_scaler:
             engine.scaler.scale(loss).backward()
-            engine._sync_contrastive(first=False)
+            engine._average_projector_grads()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in engine._optimizers():
                 engine.scaler.step(opt)
             engine.scaler.update()
         else:
             loss.backward()
-            engine._sync_contrastive(first=False)
+            engine._average_projector_grads()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             for opt in engine._optimizers():
                 opt.step()
         if engine.consistency == "mean_teacher":
             terms["ema_alpha"] = torch.tensor(ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration))
         terms["w_cps"] = torch.tensor(w)
-        if engine.contrastive is not None and engine.contrastive_weight > 0:
+        if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
                 terms[f"reps_found_{which}"] = torch.tensor(share)  # anchors with a registered positive
         engine.state.output["terms"] = {k: v.detach().float() for k, v in terms.items()}
