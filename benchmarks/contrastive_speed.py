@@ -4,7 +4,7 @@
 
 Measures (median of ``repeats``, after one warm-up):
 * ``plain``: forward of U-Net + SwinUNETR2D on ``batch`` slices, Dice + CE losses, backward (the cct-r core);
-* ``scl_reps``: the same plus :class:`scripts.contrastive_term.ContrastiveTerm` (SCL at both scales with
+* ``scl_reps``: the same plus :class:`scripts.contrastive.contrastive_term.ContrastiveTerm` (SCL at both scales with
   REPS at 1/8 against a filled bank) for both networks;
 * ``vectorised`` vs ``naive``: the SCL + REPS loss alone, vectorised, against a direct implementation
   looping over anchors (one REPS mapping + look-up call per anchor).
@@ -29,12 +29,12 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
-from scripts.atomic_io import write_json
-from scripts.contrastive_term import ContrastiveTerm
-from scripts.memory_bank import bank_capacity
-from scripts.networks import SwinUNETR2D
-from scripts.registered_correspondence import RegisteredCorrespondence
-from scripts.slice_coordinates import ContrastiveBatch
+from scripts.data.atomic_io import write_json
+from scripts.contrastive.contrastive_term import ContrastiveTerm
+from scripts.contrastive.memory_bank import bank_capacity
+from scripts.training.networks import SwinUNETR2D
+from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
+from scripts.contrastive.slice_coordinates import ContrastiveBatch
 
 
 def _timed(fn, repeats: int) -> float:
@@ -129,7 +129,7 @@ def main(patch: int = 224, batch: int = 4, repeats: int = 3, volumes: int = 40, 
     with torch.no_grad():
         out_a = net_a(x)
     emb = term.projectors["a"](term.taps["a"].features())["coarse"].detach()
-    from scripts.contrastive_term import block_labels
+    from scripts.contrastive.contrastive_term import block_labels
     labels = torch.cat([y[:n, 0].long(), out_a[n:].argmax(1)])
     conf = torch.softmax(out_a, 1).max(1).values
     lab, cf = block_labels(labels, conf, 8, 4)

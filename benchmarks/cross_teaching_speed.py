@@ -56,7 +56,7 @@ def _reset_peak() -> bool:
 # ---------------------------------------------------------------------------------- data
 def make_datalist(root: Path) -> str:
     """A phantom (4 labeled, 4 unlabeled) whose unlabeled entries carry their true label as registered label."""
-    from scripts.phantom import ensure_phantom_dataset
+    from scripts.data.phantom import ensure_phantom_dataset
 
     plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=4, n_unlabeled=4, n_validation=1, n_test=0, seed=0))
     data = json.loads(plain.read_text())
@@ -100,7 +100,7 @@ def _parser(files: list[str], datalist: str, patch: int, batch: int, iterations:
 def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
     from ignite.engine import Events
 
-    files = ["train.yaml"] + (["cct_r.yaml"] if case == "cct-r" else [])
+    files = ["train.yaml"] + (["variants/cct_r.yaml"] if case == "cct-r" else [])
     parser = _parser(files, datalist, patch, batch, warmup + iterations, feature_size)
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
@@ -136,7 +136,7 @@ def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, 
 def _run_pass(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
     import torch
 
-    parser = _parser(["train.yaml", "cct_r.yaml"], datalist, patch, batch, warmup + iterations, feature_size)
+    parser = _parser(["train.yaml", "variants/cct_r.yaml"], datalist, patch, batch, warmup + iterations, feature_size)
     parser.get_parsed_content("initialize")
     net = parser.get_parsed_content("net_a_def" if case == "unet_pass" else "net_b_def")
     loss_fn = parser.get_parsed_content("loss")
@@ -239,7 +239,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from scripts.atomic_io import write_json, write_text
+    from scripts.data.atomic_io import write_json, write_text
 
     with tempfile.TemporaryDirectory(prefix="cct_bench_data_") as tmp:
         datalist = make_datalist(Path(tmp))

@@ -3,7 +3,7 @@
 For evaluation volumes v (ACDC validation patients, both frames) and every labeled volume q
 (7 labeled patients -> 14 volumes) it registers (v, q) and (q, v), propagates y_q onto v through
 T_vq and scores it against v's ground truth (mean Dice over RV, myocardium, LV, as
-``scripts.metrics.dice_score``).  Reported: median seconds per pair, mean Dice without selection
+``scripts.evaluation.metrics.dice_score``).  Reported: median seconds per pair, mean Dice without selection
 (average over all partners = a random labeled partner), with BRS, with top-k majority fusion, and the
 oracle (best partner), plus the fraction of failed pairs (counted as Dice 0 where a partner is
 forced).  Never run by the tests; needs the ACDC folder.
@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from scripts.atomic_io import write_json
-from scripts.datalist import build_acdc, load_datalist
-from scripts.metrics import dice_score
+from scripts.data.atomic_io import write_json
+from scripts.data.datalist import build_acdc, load_datalist
+from scripts.evaluation.metrics import dice_score
 from scripts.registration.brs import BestRegistrationSelector
 from scripts.registration.engine import PairSpec, make_engine
 from scripts.registration.propagation import majority_vote, propagate_label

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from scripts.atomic_io import save_nifti, write_json
+from scripts.data.atomic_io import save_nifti, write_json
 from scripts.registration.engine import PairSpec, make_engine
 from scripts.registration.synthetic import grid_points, known_affine, oblique_affine, render
 

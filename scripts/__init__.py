@@ -1,1 +1,2 @@
-"""CCT-R bundle components: the custom Python pieces that the YAML configs in configs/ name."""
+"""CCT-R bundle components, one sub-package per pipeline stage (see docs/architecture.md):
+``data`` -> ``registration`` -> ``training`` (+ ``contrastive``) -> ``inference`` -> ``evaluation``."""

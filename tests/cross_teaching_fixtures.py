@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.atomic_io import save_nifti
-from scripts.phantom import ensure_phantom_dataset
+from scripts.data.atomic_io import save_nifti
+from scripts.data.phantom import ensure_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Overrides that keep a run to seconds: tiny patches, a small SwinUNETR, no worker processes.

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.atomic_io import atomic_path, save_nifti, write_json
+from scripts.data.atomic_io import atomic_path, save_nifti, write_json
 
 
 def test_failed_write_leaves_nothing(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.phantom import ensure_phantom_dataset
+from scripts.data.phantom import ensure_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0"]

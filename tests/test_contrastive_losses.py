@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
-from scripts.contrastive_loss import SupervisedPixelContrastiveLoss, flatten_pixels, sample_contrastive_pixels
-from scripts.feature_taps import FeatureTap, feature_channels
-from scripts.mcsc_loss import MultiScaleBalancedContrastiveLoss, balanced_supcon
-from scripts.networks import SwinUNETR2D
-from scripts.projector import ProjectionHead
+from scripts.contrastive.contrastive_loss import SupervisedPixelContrastiveLoss, flatten_pixels, sample_contrastive_pixels
+from scripts.contrastive.feature_taps import FeatureTap, feature_channels
+from scripts.contrastive.mcsc_loss import MultiScaleBalancedContrastiveLoss, balanced_supcon
+from scripts.training.networks import SwinUNETR2D
+from scripts.contrastive.projector import ProjectionHead
 
 torch.set_num_threads(1)
 
@@ -163,7 +163,7 @@ def test_projection_head_shapes_and_unit_norm():
 
 def test_sparse_projection_equals_dense_loss_and_gradients():
     """SCL on only the sampled pixels (projected as vectors) equals SCL on the densely projected map."""
-    from scripts.projector import ScaleProjectors
+    from scripts.contrastive.projector import ScaleProjectors
 
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 16, 9, 11, generator=g)

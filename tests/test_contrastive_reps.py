@@ -10,11 +10,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, RandAxisFlipd, RandRotate90d, RandRotated, Resized
 from scipy.spatial.transform import Rotation
 
-from scripts.memory_bank import SliceFeatureBank, bank_capacity, registered_positives
-from scripts.phantom import sample_subjects, true_transform, with_pose
-from scripts.registered_correspondence import RegisteredCorrespondence
+from scripts.contrastive.memory_bank import SliceFeatureBank, bank_capacity, registered_positives
+from scripts.data.phantom import sample_subjects, true_transform, with_pose
+from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
 from scripts.registration import map_slice_points
-from scripts.slice_coordinates import SliceCoordinatesd, fit_patch_frames
+from scripts.contrastive.slice_coordinates import SliceCoordinatesd, fit_patch_frames
 
 torch.set_num_threads(1)
 IDENTITY_FRAME = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.phantom import load_phantom_subjects, true_transform
+from scripts.data.phantom import load_phantom_subjects, true_transform
 from scripts.registration.engine import PairResult
 from scripts.registration.store import TransformStore
 from scripts.registration.transform import PairTransform
@@ -48,7 +48,7 @@ def _train(run_dir: Path, files: list[str], datalist: str, **overrides) -> Confi
 
 
 def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, data):
-    parser = _train(tmp_path, ["train.yaml", "cct_r.yaml", "scl.yaml", "reps.yaml"], data["rsl"],
+    parser = _train(tmp_path, ["train.yaml", "variants/cct_r.yaml", "variants/scl.yaml", "variants/reps.yaml"], data["rsl"],
                     reps_registration_dir=data["registration"], cl_num_anchors=50, cl_num_negatives=50)
     trainer, term = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("contrastive#module")
     assert trainer.state.iteration == 2
@@ -70,7 +70,7 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
 
 
 def test_cts_with_mcsc_trains(tmp_path, data):
-    parser = _train(tmp_path, ["train.yaml", "cct_r.yaml", "cts.yaml", "scl.yaml", "mcsc.yaml"], data["plain"],
+    parser = _train(tmp_path, ["train.yaml", "variants/cct_r.yaml", "variants/cts.yaml", "variants/scl.yaml", "variants/mcsc.yaml"], data["plain"],
                     **{"contrastive#term#mcsc_max_samples": 64})
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert "rsl_a" not in terms and float(terms["cl_a"]) > 0 and float(terms["cl_b"]) > 0
@@ -79,8 +79,8 @@ def test_cts_with_mcsc_trains(tmp_path, data):
 @pytest.mark.parametrize(
     "files, trained",
     [
-        (["train.yaml", "cct_r.yaml", "uamt.yaml", "uamt_rsl.yaml", "scl.yaml", "reps.yaml"], {"a"}),  # UAMT + RSL+SCL+REPS
-        (["train.yaml", "cct_r.yaml", "cps.yaml", "scl.yaml", "reps.yaml"], {"a", "b"}),  # CPS + RSL+SCL+REPS
+        (["train.yaml", "variants/cct_r.yaml", "variants/uamt.yaml", "variants/uamt_rsl.yaml", "variants/scl.yaml", "variants/reps.yaml"], {"a"}),  # UAMT + RSL+SCL+REPS
+        (["train.yaml", "variants/cct_r.yaml", "variants/cps.yaml", "variants/scl.yaml", "variants/reps.yaml"], {"a", "b"}),  # CPS + RSL+SCL+REPS
     ],
     ids=["uamt", "cps"],
 )

@@ -11,8 +11,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 
-from scripts.atomic_io import save_nifti
-from scripts.semi_supervised_data import (
+from scripts.data.atomic_io import save_nifti
+from scripts.data.semi_supervised_data import (
     FillMissingLabeld,
     MissingRegisteredLabelError,
     SemiSupervisedLoader,
@@ -58,7 +58,7 @@ def datalist(tmp_path) -> Path:
 
 def _parser(datalist: Path, *extra: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "cct_r.yaml", *extra)])
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/cct_r.yaml", *extra)])
     parser["datalist_file"] = str(datalist)
     parser["patch_size"] = [48, 48]
     return parser
@@ -110,7 +110,7 @@ def test_failed_registration_gets_blank_label_and_batches_collate(datalist):
 
 
 def test_cts_drops_registered_labels(datalist):
-    parser = _parser(datalist, "cts.yaml")
+    parser = _parser(datalist, "variants/cts.yaml")
     entries = parser.get_parsed_content("train#unlabeled#datalist")
     assert all(set(e) == {"id", "image"} for e in entries)
     out = parser.get_parsed_content("train#unlabeled#preprocessing")(dict(entries[0]))

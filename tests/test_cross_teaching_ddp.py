@@ -20,7 +20,7 @@ def test_cct_r_under_torchrun_two_processes(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train.yaml','configs/cct_r.yaml','configs/scl.yaml','configs/multi_gpu_train.yaml']",
+        "--config_file", "['configs/train.yaml','configs/variants/cct_r.yaml','configs/variants/scl.yaml','configs/multi_gpu_train.yaml']",
         "--bundle_root", str(run_dir), "--datalist_file", data["rsl"],
         "--num_iterations", "2", "--val_interval", "2", "--cl_threshold", "0.0", "--cl_num_anchors", "50",
         "--cl_num_negatives", "50", *overrides,

@@ -9,10 +9,10 @@ import torch
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-from scripts.consistency_weight import RampUpWeight, sigmoid_ramp_up
-from scripts.mean_teacher import ema_update, noisy_teacher_predictions
-from scripts.networks import EnsembleNet, SwinUNETR2D
-from scripts.semi_supervised_losses import (
+from scripts.training.consistency_weight import RampUpWeight, sigmoid_ramp_up
+from scripts.training.mean_teacher import ema_update, noisy_teacher_predictions
+from scripts.training.networks import EnsembleNet, SwinUNETR2D
+from scripts.training.semi_supervised_losses import (
     PseudoLabelCELoss,
     PseudoLabelDiceLoss,
     SelectedSamplesLoss,

@@ -12,8 +12,8 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from torch import nn
 
-from scripts.inferer import SliceResizeInferer
-from scripts.pseudo_label_monitor import PseudoLabelMonitor, monitored_entries
+from scripts.inference.inferer import SliceResizeInferer
+from scripts.evaluation.pseudo_label_monitor import PseudoLabelMonitor, monitored_entries
 
 torch.set_num_threads(1)
 CLASSES = ["background", "RV", "myocardium", "LV"]

@@ -9,8 +9,8 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from scripts.cross_teaching import CrossTeachingTrainer
-from scripts.semi_supervised_losses import PseudoLabelCELoss, PseudoLabelDiceLoss
+from scripts.training.cross_teaching import CrossTeachingTrainer
+from scripts.training.semi_supervised_losses import PseudoLabelCELoss, PseudoLabelDiceLoss
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.semi_supervised_data import MissingRegisteredLabelError
+from scripts.data.semi_supervised_data import MissingRegisteredLabelError
 from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle
 
 torch.set_num_threads(1)
@@ -54,9 +54,9 @@ def _monitor(run_dir: Path) -> dict:
 @pytest.mark.parametrize(
     "variant, files, datalist, names, rsl, inference",
     [
-        ("cct-r", ["cct_r.yaml"], "rsl", ["cnn", "transformer"], True, ["inference_cct_r.yaml"]),
-        ("cts", ["cct_r.yaml", "cts.yaml"], "plain", ["cnn", "transformer"], False, ["inference_cct_r.yaml"]),
-        ("cps", ["cct_r.yaml", "cps.yaml"], "plain", ["unet_a", "unet_b"], False, ["inference_cct_r.yaml", "inference_cps.yaml"]),
+        ("cct-r", ["variants/cct_r.yaml"], "rsl", ["cnn", "transformer"], True, ["variants/inference_cct_r.yaml"]),
+        ("cts", ["variants/cct_r.yaml", "variants/cts.yaml"], "plain", ["cnn", "transformer"], False, ["variants/inference_cct_r.yaml"]),
+        ("cps", ["variants/cct_r.yaml", "variants/cps.yaml"], "plain", ["unet_a", "unet_b"], False, ["variants/inference_cct_r.yaml", "variants/inference_cps.yaml"]),
     ],
 )
 def test_two_student_variants(tmp_path, data, variant, files, datalist, names, rsl, inference):
@@ -82,7 +82,7 @@ def test_two_student_variants(tmp_path, data, variant, files, datalist, names, r
 
 @pytest.mark.parametrize("rsl", [False, True])
 def test_uamt_variants(tmp_path, data, rsl):
-    files = ["train.yaml", "cct_r.yaml", "uamt.yaml"] + (["uamt_rsl.yaml"] if rsl else [])
+    files = ["train.yaml", "variants/cct_r.yaml", "variants/uamt.yaml"] + (["variants/uamt_rsl.yaml"] if rsl else [])
     run_bundle(tmp_path, files, data["rsl" if rsl else "plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
@@ -94,11 +94,11 @@ def test_uamt_variants(tmp_path, data, rsl):
     assert any(not torch.equal(student[k], teacher[k]) for k in student)  # an average, not a copy
     dice = _monitor(tmp_path)
     assert set(dice) == {"student", "teacher"} | ({"registered"} if rsl else set())
-    _evaluates(tmp_path, data["plain"], ["inference_cct_r.yaml", "inference_uamt.yaml"])
+    _evaluates(tmp_path, data["plain"], ["variants/inference_cct_r.yaml", "variants/inference_uamt.yaml"])
 
 
 def test_fs_trains_on_labeled_and_true_labels(tmp_path, data):
-    run_bundle(tmp_path, ["train.yaml", "fs.yaml"], data["plain"], *ITERATIONS)
+    run_bundle(tmp_path, ["train.yaml", "variants/fs.yaml"], data["plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
     model = _model(tmp_path)
@@ -109,7 +109,7 @@ def test_fs_trains_on_labeled_and_true_labels(tmp_path, data):
 
 def test_cct_r_refuses_a_datalist_without_registered_labels(tmp_path, data):
     with pytest.raises(RuntimeError) as info:
-        run_bundle(tmp_path, ["train.yaml", "cct_r.yaml"], data["plain"], *ITERATIONS)
+        run_bundle(tmp_path, ["train.yaml", "variants/cct_r.yaml"], data["plain"], *ITERATIONS)
     error, causes = info.value, []
     while error is not None:  # the bundle wraps the error of the expression that failed
         causes.append(error)

@@ -1,4 +1,4 @@
-"""Input checks (scripts/data_checks.py): a good datalist passes, each kind of bad input is reported
+"""Input checks (scripts/data/data_checks.py): a good datalist passes, each kind of bad input is reported
 with the file name and the problem, and all problems come back together."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.atomic_io import save_nifti, write_json
-from scripts.data_checks import DataCheckError, check_datalist, check_image_file, cli
+from scripts.data.atomic_io import save_nifti, write_json
+from scripts.data.data_checks import DataCheckError, check_datalist, check_image_file, cli
 
 AFFINE = np.array([[0.0, 0.0, 8.0, 1.0], [1.5, 0.0, 0.0, -2.0], [0.0, 1.5, 0.0, 3.0], [0.0, 0.0, 0.0, 1.0]])
 LABELS4 = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}

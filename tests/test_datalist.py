@@ -1,4 +1,4 @@
-"""Datalist loader and builders (scripts/datalist.py), on tiny fake data trees."""
+"""Datalist loader and builders (scripts/data/datalist.py), on tiny fake data trees."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.atomic_io import save_nifti
-from scripts.datalist import (
+from scripts.data.atomic_io import save_nifti
+from scripts.data.datalist import (
     SPLITS_DIR,
     DatalistError,
     build_acdc,

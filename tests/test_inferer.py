@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.inferer import SliceResizeInferer
+from scripts.inference.inferer import SliceResizeInferer
 
 
 class SliceFingerprint(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for scripts.metrics: Dice/HD95 conventions, empty rule, reports, evaluator handler, files."""
+"""Tests for scripts.evaluation.metrics: Dice/HD95 conventions, empty rule, reports, evaluator handler, files."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from monai.inferers import SimpleInferer
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
-from scripts.atomic_io import save_nifti
-from scripts.metrics import (
+from scripts.data.atomic_io import save_nifti
+from scripts.evaluation.metrics import (
     MetricsInputError,
     SegmentationReport,
     case_metrics,
@@ -281,7 +281,7 @@ def _run_evaluator(tmp_path, one_hot: bool, with_ids: bool):
 
 @pytest.mark.parametrize("one_hot", [False, True])
 def test_handler_on_evaluator(tmp_path, one_hot, caplog):
-    with caplog.at_level(logging.INFO, logger="scripts.metrics"):
+    with caplog.at_level(logging.INFO, logger="scripts.evaluation.metrics"):
         report, evaluator, data = _run_evaluator(tmp_path, one_hot, with_ids=True)
     expected = []
     for item in data:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic cardiac phantom (scripts/phantom.py): tiny datasets in tmp_path only."""
+"""Tests of the synthetic cardiac phantom (scripts/data/phantom.py): tiny datasets in tmp_path only."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from scripts import phantom
-from scripts.phantom import (
+from scripts.data import phantom
+from scripts.data.phantom import (
     PhantomDatasetError,
     PhantomSubject,
     ensure_phantom_dataset,
@@ -247,6 +247,6 @@ def test_command_line_generates_dataset(tmp_path, monkeypatch, capsys):
     argv = ["phantom", "--root", str(root), "--seed", "4", "--n_labeled", "1", "--n_unlabeled", "0",
             "--n_validation", "0", "--n_test", "0"]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_module("scripts.phantom", run_name="__main__")  # what `python -m scripts.phantom ...` runs
+    runpy.run_module("scripts.data.phantom", run_name="__main__")  # what `python -m scripts.data.phantom ...` runs
     assert str(root / "datalist.json") in capsys.readouterr().out
     assert json.loads((root / "datalist.json").read_text())["generator"]["seed"] == 4

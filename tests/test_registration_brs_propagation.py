@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImaged
 
-from scripts.atomic_io import save_nifti
+from scripts.data.atomic_io import save_nifti
 from scripts.registration.brs import BestRegistrationSelector
 from scripts.registration.engine import PairResult
 from scripts.registration.propagation import PropagateLabeld, PropagationError, majority_vote, warp_to_grid

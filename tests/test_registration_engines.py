@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.atomic_io import save_nifti
+from scripts.data.atomic_io import save_nifti
 from scripts.registration.engine import PairSpec, make_engine
 from scripts.registration.synthetic import grid_points, known_affine, oblique_affine, render
 

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from scripts.atomic_io import save_nifti
+from scripts.data.atomic_io import save_nifti
 from scripts.registration.geometry import (
     GeometryError,
     affine_rmse,

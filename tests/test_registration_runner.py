@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-import scripts.phantom as phantom
-from scripts.datalist import load_datalist
+import scripts.data.phantom as phantom
+from scripts.data.datalist import load_datalist
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.atomic_io import write_json
+from scripts.data.atomic_io import write_json
 from scripts.registration.engine import PairResult, PairSpec
 from scripts.registration.runner import RegistrationRunner
 from scripts.registration.store import StoreError, TransformStore, load_transforms_torch, settings_key

@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.slicing import RandSliced, extract_slice, resolve_slice_axis, through_plane_axis, voxel_spacing
+from scripts.data.slicing import RandSliced, extract_slice, resolve_slice_axis, through_plane_axis, voxel_spacing
 
 
 def _affine(spacing, rotation=None):

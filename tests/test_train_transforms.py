@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.atomic_io import save_nifti
+from scripts.data.atomic_io import save_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 

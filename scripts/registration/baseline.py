@@ -4,7 +4,7 @@ For every evaluation volume v (validation/test, with a label) the labeled partne
 BRS; the best partner's label warped onto v is the "brs" prediction, and a voxel-wise majority
 vote over the top-k partners' warped labels is the "top{k}" prediction (a step beyond the paper).
 For reference the "first" prediction uses the first labeled volume (no selection).  Each set is
-written as NIfTI on v's grid and scored with :func:`scripts.metrics.evaluate_files`.
+written as NIfTI on v's grid and scored with :func:`scripts.evaluation.metrics.evaluate_files`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic_io import save_nifti, write_json
-from ..metrics import evaluate_files, summarize, write_reports
+from ..data.atomic_io import save_nifti, write_json
+from ..evaluation.metrics import evaluate_files, summarize, write_reports
 from .brs import BestRegistrationSelector
 from .propagation import majority_vote, propagate_label
 from .store import TransformTable

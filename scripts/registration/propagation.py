@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ..atomic_io import save_nifti
+from ..data.atomic_io import save_nifti
 from .geometry import apply_affine
 from .store import TransformStore, TransformTable
 from .transform import PairTransform

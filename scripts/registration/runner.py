@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..atomic_io import write_json
-from ..datalist import load_datalist, read_datalist
+from ..data.atomic_io import write_json
+from ..data.datalist import load_datalist, read_datalist
 from .baseline import run_baseline
 from .brs import BestRegistrationSelector
 from .engine import PairSpec, make_engine

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..atomic_io import atomic_path, write_json
+from ..data.atomic_io import atomic_path, write_json
 from .engine import PairResult
 from .transform import PairTransform
 

@@ -1,0 +1,215 @@
+"""The contrastive term of the cross-teaching trainer: SCL (optionally with REPS) or MCSC, per student.
+
+:class:`ContrastiveTerm` is the pluggable component :class:`scripts.training.cross_teaching.CrossTeachingTrainer`
+calls (``contrastive=``, weighted by ``contrastive_weight`` = ``w_cl``). For each trained network it
+owns a :class:`scripts.contrastive.feature_taps.FeatureTap` (decoder features at full resolution and 1/8), a
+:class:`scripts.contrastive.projector.ScaleProjectors` (their parameters belong in that network's optimizer,
+see :meth:`projector_parameters`) and, with REPS, a :class:`scripts.contrastive.memory_bank.SliceFeatureBank`.
+
+Per network and iteration (labels: ground truth on the labeled half, the peer's argmax on the
+unlabeled half; confidence: the network's own top-1 softmax probability, detached), at every scale
+the labels are the majority label and the confidence the mean confidence of each ``s x s`` block;
+the term is the mean over scales of
+
+* ``loss="scl"``: :class:`scripts.contrastive.contrastive_loss.SupervisedPixelContrastiveLoss`; with REPS, at the
+  bank's scale, the anchors' positives are blended with :func:`scripts.contrastive.memory_bank.registered_positives`,
+  and the batch's embeddings (detached) are then pushed into the bank in their original slice frame
+  (:func:`scripts.contrastive.slice_coordinates.fit_patch_frames`);
+* ``loss="mcsc"``: :class:`scripts.contrastive.mcsc_loss.MultiScaleBalancedContrastiveLoss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scripts.contrastive.contrastive_loss import SupervisedPixelContrastiveLoss, flatten_pixels
+from scripts.contrastive.feature_taps import SCALES, FeatureTap, feature_channels
+from scripts.contrastive.mcsc_loss import MultiScaleBalancedContrastiveLoss
+from scripts.contrastive.memory_bank import SliceFeatureBank, bank_capacity, registered_positives
+from scripts.contrastive.projector import ScaleProjectors
+from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
+from scripts.data.semi_supervised_data import SemiSupervisedBatch
+from scripts.contrastive.slice_coordinates import fit_patch_frames
+
+__all__ = ["LOSSES", "ContrastiveTerm", "block_labels"]
+
+LOSSES = ("scl", "mcsc")
+
+
+def block_labels(labels: torch.Tensor, confidence: torch.Tensor, stride: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, W)`` labels / confidence -> majority label and mean confidence of ``stride`` blocks."""
+    if stride == 1:
+        return labels, confidence
+    onehot = F.one_hot(labels.long().clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    votes = F.avg_pool2d(onehot, stride)
+    return votes.argmax(1), F.avg_pool2d(confidence[:, None].float(), stride)[:, 0]
+
+
+class ContrastiveTerm(nn.Module):
+    """SCL / SCL+REPS / MCSC for network A (and B).
+
+    Args:
+        net_a: network A; net_b: network B, or ``None`` when B is not trained (UA-MT's teacher).
+        num_classes: label values.
+        loss: ``"scl"`` or ``"mcsc"``.
+        scales: tapped scales (``"full"``, ``"coarse"``).
+        in_channels: image channels (for the projector sizes).
+        threshold, num_anchors, num_negatives, temperature: SCL's ``h``, ``N``, ``O``, ``t``
+            (``threshold`` and ``temperature`` also MCSC's).
+        hidden_channels, out_channels: projector widths (256, 128).
+        mcsc_max_samples: MCSC pixels per scale.
+        correspondence: a :class:`RegisteredCorrespondence` switches REPS on (``loss="scl"`` only).
+        class_weight, registered_weight: ``w1``, ``w2`` of ``a_p = w1 a_class + w2 a_reg``.
+        bank_scale: the scale stored in the bank and blended with registered positives.
+        bank_fraction, bank_max_slices: bank capacity ``min(ceil(fraction * slices), max)``; the
+            slices are those of the correspondence's volumes (labeled + unlabeled).
+        bank_dtype: ``"float32"`` or ``"float16"``.
+    """
+
+    def __init__(self, net_a: nn.Module, num_classes: int, net_b: nn.Module | None = None, loss: str = "scl",
+                 scales: Sequence[str] = ("full", "coarse"), in_channels: int = 1, threshold: float = 0.5,
+                 num_anchors: int = 1000, num_negatives: int = 500, temperature: float = 0.1,
+                 hidden_channels: int = 256, out_channels: int = 128, mcsc_max_samples: int = 1024,
+                 correspondence: RegisteredCorrespondence | None = None, class_weight: float = 1.0,
+                 registered_weight: float = 0.0, bank_scale: str = "coarse", bank_fraction: float = 0.2,
+                 bank_max_slices: int | None = None, bank_dtype: str = "float32"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"contrastive loss must be one of {LOSSES}, got {loss!r}")
+        scales = tuple(scales)
+        if correspondence is not None and (loss != "scl" or bank_scale not in scales):
+            raise ValueError(f"REPS needs loss='scl' and bank_scale ({bank_scale!r}) among scales {list(scales)}")
+        self.num_classes, self.loss_name, self.scales = int(num_classes), loss, scales
+        nets = {"a": net_a} if net_b is None else {"a": net_a, "b": net_b}
+        self.taps = {k: FeatureTap(n, scales) for k, n in nets.items()}
+        self.projectors = nn.ModuleDict(
+            {k: ScaleProjectors(feature_channels(n, in_channels, scales), hidden_channels, out_channels) for k, n in nets.items()}
+        )
+        if loss == "scl":
+            self.loss = SupervisedPixelContrastiveLoss(num_classes, threshold, num_anchors, num_negatives, temperature,
+                                                       class_weight=class_weight, registered_weight=registered_weight)
+        else:
+            self.loss = MultiScaleBalancedContrastiveLoss(num_classes, temperature, mcsc_max_samples, threshold)
+        self.correspondence = correspondence
+        self.bank_scale = bank_scale
+        self.bank_dtype = {"float32": torch.float32, "float16": torch.float16}[str(bank_dtype)]
+        self.capacity = None
+        if correspondence is not None:
+            self.capacity = bank_capacity(int(correspondence.num_slices().sum()), 0, bank_fraction, bank_max_slices)
+        self.banks: dict[str, SliceFeatureBank] = {}
+        self.reps_found: dict[str, float] = {}
+
+    @property
+    def reps(self) -> bool:
+        return self.correspondence is not None
+
+    def projector_parameters(self, which: str = "a"):
+        """Parameters of network ``which``'s projector heads (add them to that network's optimizer)."""
+        return self.projectors[which].parameters()
+
+    # ------------------------------------------------------------------ REPS helpers
+    def _bank(self, which: str, emb: torch.Tensor) -> SliceFeatureBank:
+        if which not in self.banks:
+            c = self.correspondence
+            self.banks[which] = SliceFeatureBank(self.capacity, emb.shape[1], emb.shape[2], emb.shape[3], len(c), max(c.max_slices, 1),
+                                                 dtype=self.bank_dtype, device=emb.device)
+        return self.banks[which]
+
+    def _batch_geometry(self, batch: SemiSupervisedBatch, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(volume index (B,), slice index (B,), patch->slice frames (B, 2, 3))``; volume -1 = unknown."""
+        ids, slices, coords = (getattr(batch, k, None) for k in ("ids", "slice_index", "slice_coords"))
+        if ids is None or slices is None or coords is None:
+            raise ValueError(
+                "REPS needs volume ids, slice indices and slice coordinate maps in every batch: use "
+                "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd (configs/variants/reps.yaml)"
+            )
+        if len(ids) != size:
+            raise ValueError(f"REPS: {len(ids)} ids for a batch of {size}")
+        volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long)
+        frames, ok = fit_patch_frames(coords)
+        volume[~ok.cpu()] = -1
+        return volume, slices.long().cpu(), frames.cpu()
+
+    def _registered(self, which: str, flat_idx: torch.Tensor, shape: torch.Size, stride: int, volume: torch.Tensor,
+                    slices: torch.Tensor, frames: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, w = shape
+        idx = flat_idx.cpu()
+        sample, rest = idx // (h * w), idx % (h * w)
+        rc = torch.stack([rest // w, rest % w], 1).to(torch.float64) * stride + (stride - 1) / 2.0  # patch pixel
+        f = frames[sample]  # (A, 2, 3) patch -> slice
+        uv = (f[..., :2] @ rc[..., None])[..., 0] + f[..., 2]
+        vol = volume[sample]
+        known = vol >= 0
+        out = torch.zeros((idx.numel(), dim), dtype=torch.float32)
+        found = torch.zeros(idx.numel(), dtype=torch.bool)
+        if which in self.banks and known.any():
+            reg, avail = registered_positives(self.correspondence, self.banks[which], vol[known], slices[sample][known], uv[known])
+            out[known], found[known] = reg.float().cpu(), avail.cpu()
+        # share of this iteration's anchors that found a registered positive (logged by the trainer)
+        self.reps_found[which] = float(found.float().mean()) if found.numel() else 0.0
+        return out.to(flat_idx.device), found.to(flat_idx.device)
+
+    @staticmethod
+    def _bank_frames(frames: torch.Tensor, stride: int) -> torch.Tensor:
+        """Patch->slice frames -> slice ``(u, v, 1)`` -> bank map pixel frames at ``stride``."""
+        g = torch.zeros((frames.shape[0], 3, 3), dtype=torch.float64)
+        g[:, :2], g[:, 2, 2] = frames, 1.0
+        ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
+        g[~ok] = torch.eye(3, dtype=torch.float64)
+        scale = torch.tensor([[1.0 / stride, 0, -(stride - 1) / (2.0 * stride)], [0, 1.0 / stride, -(stride - 1) / (2.0 * stride)], [0, 0, 1]],
+                             dtype=torch.float64)
+        out = (scale @ torch.linalg.inv(g))[:, :2]
+        out[~ok] = float("nan")
+        return out
+
+    # ------------------------------------------------------------------ the term
+    def forward(self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
+        """The contrastive loss of network ``which`` after its forward pass on ``batch.images()``.
+
+        Args:
+            which: ``"a"`` or ``"b"``.
+            logits: the network's ``(L + U, K, H, W)`` logits.
+            peer_probs: the peer's ``(U, K, H, W)`` probabilities on the unlabeled half (no gradient).
+            batch: the batch (a :class:`scripts.contrastive.slice_coordinates.ContrastiveBatch` for REPS).
+        """
+        if which not in self.taps:
+            raise ValueError(f"no contrastive branch {which!r} (have {list(self.taps)})")
+        labels = torch.cat([batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(), peer_probs.detach().argmax(1)])
+        confidence = torch.softmax(logits.detach().float(), 1).max(1).values
+        features = self.taps[which].features()
+        projectors = self.projectors[which]
+        # Dense embeddings only where a whole map is needed: MCSC, and the scale stored in the REPS bank.
+        # SCL elsewhere embeds just its sampled pixels (the 1x1 heads as linear layers on gathered features).
+        dense = {s for s in self.scales if self.loss_name == "mcsc" or (self.reps and s == self.bank_scale)}
+        emb = {s: projectors[s](features[s]) for s in self.scales if s in dense}
+        geometry = self._batch_geometry(batch, labels.shape[0]) if self.reps else None
+        losses = []
+        for scale in self.scales:
+            stride, f = SCALES[scale], features[scale]
+            lab, conf = block_labels(labels, confidence, stride, self.num_classes)
+            lab, conf = lab[:, : f.shape[2], : f.shape[3]], conf[:, : f.shape[2], : f.shape[3]]
+            if self.loss_name == "mcsc":
+                losses.append(self.loss(emb[scale], lab, conf))
+                continue
+            samples = self.loss.sample(lab, conf)
+            registered = None
+            if self.reps and scale == self.bank_scale:
+                registered = self._registered(which, samples.all_anchors(), lab.shape, stride, *geometry, projectors.out_channels)
+            if scale in emb:
+                flat = flatten_pixels(emb[scale])
+            else:
+                pixels, samples = samples.compact()
+                flat = projectors.project_pixels(scale, f, pixels)
+            losses.append(self.loss.loss_from_samples(flat, samples, registered))
+        if self.reps:
+            e = emb[self.bank_scale]
+            volume, slices, frames = geometry
+            known = volume >= 0
+            if known.any():
+                bank_frames = self._bank_frames(frames, SCALES[self.bank_scale])
+                self._bank(which, e).push(volume[known], slices[known], e.detach()[known.to(e.device)], bank_frames[known])
+        return torch.stack(losses).mean()

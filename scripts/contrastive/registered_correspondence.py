@@ -1,0 +1,166 @@
+"""Corresponding points of all training volumes through the stored registrations (for REPS).
+
+:class:`RegisteredCorrespondence` holds, for ``V`` volumes, their voxel->RAS affines and the affine
+``T_ij`` (world points of i -> world points of j, see docs/registration.md) of every registered
+pair, precomposed into voxel maps ``M_ij = inv(A_j) @ T_ij @ A_i``. :meth:`map_slice_points` maps
+many slice points of many volumes to every other volume in one batched product: the vectorised
+counterpart of :func:`scripts.registration.map_slice_points`.
+
+Only the affine part of stored transforms is used (deformable fields are ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from scripts.data.datalist import load_datalist
+from scripts.registration.geometry import check_affine, slice_axis
+from scripts.registration.store import TransformStore
+
+__all__ = ["RegisteredCorrespondence"]
+
+
+class RegisteredCorrespondence:
+    """Voxel-to-voxel maps between ``V`` volumes.
+
+    Args:
+        ids: volume ids (index order of every tensor here).
+        affines: ``(V, 4, 4)`` voxel -> RAS world affines.
+        shapes: ``(V, 3)`` voxel grid shapes.
+        transforms: ``{(id_i, id_j): T_ij}`` RAS world 4x4 maps; missing pairs are unavailable.
+    """
+
+    def __init__(self, ids: Sequence[str], affines, shapes, transforms: Mapping[tuple[str, str], np.ndarray]):
+        self.ids = [str(i) for i in ids]
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("RegisteredCorrespondence: volume ids must be unique")
+        self.index = {v: n for n, v in enumerate(self.ids)}
+        v = len(self.ids)
+        a = np.stack([check_affine(x, f"affine of {i}") for x, i in zip(affines, self.ids)]) if v else np.zeros((0, 4, 4))
+        self.shapes = torch.as_tensor(np.asarray(shapes, dtype=np.int64).reshape(v, 3))
+        self.axes = torch.tensor([slice_axis(x) for x in a], dtype=torch.long)
+        maps = np.tile(np.eye(4), (v, v, 1, 1))
+        ok = np.zeros((v, v), dtype=bool)
+        inv = np.linalg.inv(a) if v else a
+        for (i, j), t in transforms.items():
+            if i not in self.index or j not in self.index or i == j:
+                continue
+            t = np.asarray(t, dtype=np.float64)
+            if t.shape != (4, 4) or not np.all(np.isfinite(t)):
+                continue
+            ii, jj = self.index[i], self.index[j]
+            maps[ii, jj] = inv[jj] @ t @ a[ii]
+            ok[ii, jj] = True
+        self.voxel_maps = torch.as_tensor(maps)  # (V, V, 4, 4) float64
+        self.available = torch.as_tensor(ok)  # (V, V)
+        # registered partners of each volume, CSR: partners of n are partner_index[partner_ptr[n]:partner_ptr[n+1]]
+        counts = ok.sum(1).astype(np.int64) if v else np.zeros(0, dtype=np.int64)
+        self.partner_count = torch.as_tensor(counts)
+        self.partner_ptr = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        self.partner_index = torch.as_tensor(np.nonzero(ok)[1].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def max_slices(self) -> int:
+        """The largest number of slices of any volume."""
+        if not len(self):
+            return 0
+        return int(self.shapes.gather(1, self.axes[:, None]).max())
+
+    def num_slices(self) -> torch.Tensor:
+        """``(V,)`` slices per volume."""
+        return self.shapes.gather(1, self.axes[:, None])[:, 0]
+
+    def map_slice_points(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Map ``A`` slice points to every volume.
+
+        Args:
+            volume: ``(A,)`` volume indices ``i``; slice_index: ``(A,)`` slice ``z`` of each point;
+            uv: ``(A, 2)`` in-plane voxel coordinates (non-slice axes in increasing order).
+
+        Returns:
+            ``(slice_j (A, V) long, uv_j (A, V, 2) float64, ok (A, V) bool)``: the nearest slice of
+            volume ``j`` and the in-plane coordinates there; ``ok`` where ``T_ij`` exists and the
+            point falls inside ``j``'s slice range (in-plane bounds are checked by the look-up).
+        """
+        volume = volume.long().cpu()
+        n, v = volume.shape[0], len(self)
+        rows = torch.arange(n).repeat_interleave(v)
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], torch.arange(v).repeat(n))
+        return z.reshape(n, v), uv_j.reshape(n, v, 2), ok.reshape(n, v)
+
+    def map_to_partners(self, volume: torch.Tensor, slice_index: torch.Tensor,
+                        uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`map_slice_points` restricted to the registered partners of each point's volume.
+
+        Returns flat ``(point (E,), volume_j (E,), slice_j (E,), uv_j (E, 2), ok (E,))``, one row per
+        (point, registered partner): with a few partners per volume (``reps_partners``) this is a small
+        fraction of the work of mapping every point to every volume.
+        """
+        volume = volume.long().cpu()
+        counts = self.partner_count[volume]
+        rows = torch.arange(volume.shape[0]).repeat_interleave(counts)
+        # position of each row within its point's partner list
+        first = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(rows.shape[0]) - first.repeat_interleave(counts)
+        targets = self.partner_index[self.partner_ptr[volume[rows]] + offset]
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], targets)
+        return rows, targets, z, uv_j, ok
+
+    def _map_pairs(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Points of slices ``(volume, slice_index)`` at ``uv`` (all ``(N,)`` / ``(N, 2)``) -> volumes ``targets (N,)``."""
+        uv = uv.to(torch.float64)
+        n = volume.shape[0]
+        axes_i = self.axes[volume]  # (N,)
+        vox = torch.empty((n, 3), dtype=torch.float64)
+        plane = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_i]  # in-plane axes per point
+        vox.scatter_(1, plane, uv)
+        vox.scatter_(1, axes_i[:, None], slice_index[:, None].to(torch.float64))
+        m = self.voxel_maps[volume, targets]  # (N, 4, 4)
+        vox_j = (m[:, :3, :3] @ vox[..., None])[..., 0] + m[:, :3, 3]  # (N, 3)
+        axes_j = self.axes[targets]  # (N,)
+        z = vox_j.gather(1, axes_j[:, None])[:, 0].round().long()
+        plane_j = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_j]  # (N, 2)
+        uv_j = vox_j.gather(1, plane_j)
+        ok = self.available[volume, targets] & (z >= 0) & (z < self.num_slices()[targets])
+        return z.clamp(0, max(self.max_slices - 1, 0)), uv_j, ok
+
+    @classmethod
+    def from_datalist(cls, datalist: str | os.PathLike, registration_dir: str | os.PathLike,
+                      sections: Sequence[str] = ("training", "unlabeled")) -> "RegisteredCorrespondence":
+        """Volumes of ``sections`` of ``datalist`` (geometry read from the image headers) and the affine
+        transforms stored in ``registration_dir`` (a :class:`scripts.registration.TransformStore` folder)."""
+        entries = []
+        for section in sections:
+            try:
+                entries += load_datalist(datalist, section)
+            except KeyError:
+                continue
+        if not entries:
+            raise ValueError(f"datalist {datalist}: no entries in sections {list(sections)} for REPS")
+        ids, affines, shapes = [], [], []
+        for e in entries:
+            if not e.get("id"):
+                raise ValueError(f"datalist {datalist}: entry {e.get('image')} has no 'id'; REPS keys the memory bank by volume id")
+            try:
+                header = nib.load(e["image"])
+            except FileNotFoundError:
+                raise FileNotFoundError(f"datalist {datalist}: image {e['image']} of {e['id']!r} does not exist") from None
+            ids.append(e["id"])
+            affines.append(np.asarray(header.affine, dtype=np.float64))
+            shapes.append(header.shape[:3])
+        if not os.path.isdir(registration_dir):
+            raise FileNotFoundError(f"REPS registration folder {registration_dir} does not exist (run the registration step first)")
+        table = TransformStore(registration_dir).load()
+        transforms = {
+            (f, m): table.matrices[n] for n, (f, m, s) in enumerate(zip(table.fixed_ids, table.moving_ids, table.status)) if s == "ok"
+        }
+        return cls(ids, affines, shapes, transforms)

@@ -1,0 +1,190 @@
+"""Checkpoints: the best inference model as a flat ``model.pt``, and the full training state for resume.
+
+Two files, two purposes:
+
+* ``models/model.pt`` — the ``state_dict`` of the inference network (``network_def``) only, flat, as
+  the Model Zoo expects; rewritten whenever the validation key metric improves.
+* ``models/train_state.pt`` — every network, optimizer and LR scheduler, the ignite trainer (epoch,
+  iteration), the best-model saver's record and the random number generators; rewritten at the end of
+  each validation interval, and loaded at start when resuming.
+
+Both are written to a temporary name and renamed (MONAI's ``CheckpointSaver`` writes in place).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.transforms import Randomizable
+
+from scripts.data.atomic_io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the destination folder, then rename."""
+    with atomic_path(path, suffix=".tmp") as tmp:
+        torch.save(obj, tmp)
+
+
+def _randomizables(transform, seen: set[int] | None = None) -> list[Randomizable]:
+    """Every MONAI ``Randomizable`` reachable from ``transform``, in a fixed order.
+
+    Follows ``Compose``/``OneOf`` children and attributes, because dictionary transforms keep
+    their own generator apart from the array transform they wrap (``RandAxisFlipd.flipper``).
+    """
+    seen = set() if seen is None else seen
+    if id(transform) in seen:
+        return []
+    seen.add(id(transform))
+    found: list[Randomizable] = [transform] if isinstance(transform, Randomizable) else []
+    children = []
+    for value in vars(transform).values() if hasattr(transform, "__dict__") else ():
+        if isinstance(value, (list, tuple)):
+            children.extend(v for v in value if hasattr(v, "__dict__") and callable(v))
+        elif isinstance(value, Randomizable) or hasattr(value, "transforms"):
+            children.append(value)
+    for child in children:
+        found.extend(_randomizables(child, seen))
+    return found
+
+
+class RNGState:
+    """The random generators as a checkpointable object.
+
+    Holds the process-wide generators (Python, NumPy, torch CPU and CUDA) and, when ``transforms``
+    is given, the private generator of every random MONAI transform in it. With data loading in the
+    main process (``num_workers=0``) this makes a resumed run draw exactly the slices and
+    augmentations the uninterrupted run would have drawn; worker processes keep their own
+    generators, which are not captured.
+    """
+
+    def __init__(self, transforms=None):
+        self.transforms = _randomizables(transforms) if transforms is not None else []
+
+    def state_dict(self) -> dict:
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "transforms": [t.R.get_state() for t in self.transforms],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state.get("transforms", [])
+        if len(saved) == len(self.transforms):
+            for t, s in zip(self.transforms, saved):
+                t.R.set_state(s)
+        elif saved:
+            logger.warning("RNGState: %d transform generators saved, %d now; not restored", len(saved), len(self.transforms))
+
+
+class BestModelSaver:
+    """Save the inference network's flat ``state_dict`` whenever a validation metric improves.
+
+    Attach to the evaluator. ``metric_name`` defaults to the evaluator's key metric. The best value
+    seen is part of this object's ``state_dict`` so that resuming does not overwrite a better model
+    with a worse one.
+    """
+
+    def __init__(self, save_path: str, network: torch.nn.Module, metric_name: str | None = None, greater_is_better: bool = True):
+        self.save_path = str(save_path)
+        self.network = network
+        self.metric_name = metric_name
+        self.greater_is_better = greater_is_better
+        self.best_metric: float | None = None
+        self.best_epoch: int = -1
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _improved(self, value: float) -> bool:
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.greater_is_better else value < self.best_metric
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise KeyError(f"BestModelSaver: metric {name!r} not in the evaluator's metrics {list(engine.state.metrics)}")
+        value = float(engine.state.metrics[name])
+        if not np.isfinite(value) or not self._improved(value):
+            return
+        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        save_atomic(net.state_dict(), self.save_path)
+        logger.info("best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path)
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best_metric = state["best_metric"]
+        self.best_epoch = int(state["best_epoch"])
+
+
+class TrainStateCheckpoint:
+    """Save the full training state every ``interval`` epochs, and load it at start when resuming.
+
+    Args:
+        path: the checkpoint file (``models/train_state.pt``).
+        save_dict: name -> object with ``state_dict``/``load_state_dict`` (networks, optimizers,
+            schedulers, a :class:`BestModelSaver`, an :class:`RNGState`, ...). The engine this
+            handler is attached to is added as ``"trainer"`` (its epoch and iteration).
+        resume: load ``path`` when training starts, if it exists.
+        interval: epochs between saves (one epoch = one validation interval in these configs).
+    """
+
+    def __init__(self, path: str, save_dict: Mapping[str, object], resume: bool = False, interval: int = 1):
+        self.path = str(path)
+        self.save_dict = dict(save_dict)
+        self.resume = bool(resume)
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict["trainer"] = engine
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def save(self, engine: Engine | None = None) -> None:
+        state = {}
+        for name, obj in self.save_dict.items():
+            obj = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+            state[name] = obj.state_dict()
+        save_atomic(state, self.path)
+
+    def load(self, engine: Engine | None = None) -> None:
+        if not os.path.exists(self.path):
+            logger.info("resume requested but %s does not exist: starting from scratch", self.path)
+            return
+        try:
+            checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a clear message naming the file, not a pickle traceback
+            raise RuntimeError(f"cannot resume: {self.path} is not a readable training-state checkpoint ({e})") from e
+        missing = [k for k in self.save_dict if k not in checkpoint]
+        if missing:
+            raise KeyError(f"cannot resume: {self.path} lacks {missing}; it holds {sorted(checkpoint)}")
+        max_epochs = engine.state.max_epochs if engine is not None else None
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        if engine is not None:
+            # the length of this run comes from this run's config, so a finished run can be extended
+            engine.state.max_epochs = max_epochs
+            logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)

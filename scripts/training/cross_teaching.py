@@ -1,0 +1,319 @@
+"""The two-network semi-supervised trainer: CCT-R, CTS, CPS and UA-MT on one ignite engine.
+
+:class:`CrossTeachingTrainer` is MONAI's ``SupervisedTrainer`` with its own iteration step. Every
+batch holds labeled slices ``x_l, y`` and unlabeled slices ``x_u`` (+ registered labels ``r``),
+see :mod:`scripts.data.semi_supervised_data`. Each network runs *once* on ``[x_l; x_u]``; then
+
+* ``cross_teaching`` (CTS; CCT-R when ``rsl_weight > 0``), networks A (a CNN) and B (a Transformer),
+  each with its optimizer::
+
+      L_A = L_sup(A(x_l), y) + w_cps(i) * Dice(A(x_u), argmax B(x_u)) + w_rsl * L_sup(A(x_u), r)
+      L_B = L_sup(B(x_l), y) + w_cps(i) * Dice(B(x_u), argmax A(x_u)) + w_rsl * L_sup(B(x_u), r)
+
+* ``cps``: the same with ``CE(A(x_u), argmax B(x_u))`` as the cross term (two U-Nets in the paper);
+* ``mean_teacher`` (UA-MT): A is the student, B its EMA teacher (no optimizer)::
+
+      L_A = L_sup(A(x_l), y) + w_cps(i) * MSE_mask(A(x_u), teacher) + w_rsl * L_sup(A(x_u), r)
+
+  with the uncertainty threshold rising from 0.75 to 1.0 of ``uncertainty_max`` over training.
+
+The pseudo-label targets carry no gradient, so ``L_A`` only reaches A's weights and ``L_B`` only
+B's: one backward pass of ``L_A + L_B`` gives each network its own gradient, and each optimizer
+steps its own network. The poly LR schedules are ``LrScheduleHandler`` s attached in the config,
+one per optimizer. ``w_cps(i)`` is :class:`scripts.training.consistency_weight.RampUpWeight` (or any
+``iteration -> weight`` callable) at the 0-based iteration ``i``. ``L_sup`` is the supervised loss
+of ``train.yaml`` (Dice + CE). With ``amp`` (CUDA), forward and losses run under autocast and one
+``GradScaler`` scales the summed loss and steps both optimizers.
+
+With a ``contrastive`` term (:class:`scripts.contrastive.contrastive_term.ContrastiveTerm`: SCL, SCL + REPS or
+MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained network's loss gains
+``w_cl * L_cl``, computed from the same forward pass (labels: ground truth on the labeled half, the
+peer's argmax on the unlabeled half; the UA-MT teacher's for the student).
+
+The engine output (``engine.state.output``) is ``{"loss": L_A + L_B, "terms": {name: value}}``
+with every loss term, ``w_cps`` and (UA-MT) the fraction of certain pixels, all detached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import SimpleInferer
+from torch import nn
+from torch.optim import Optimizer
+
+from scripts.training.consistency_weight import RampUpWeight, sigmoid_ramp_up
+from scripts.training.mean_teacher import ema_update, noisy_teacher_predictions, unwrap
+from scripts.data.semi_supervised_data import SemiSupervisedBatch, SemiSupervisedPrepareBatch
+from scripts.training.semi_supervised_losses import (
+    PseudoLabelCELoss,
+    PseudoLabelDiceLoss,
+    SelectedSamplesLoss,
+    UncertaintyMaskedMSE,
+)
+
+__all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
+
+#: The unsupervised terms the trainer implements.
+CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher")
+
+
+class CrossTeachingTrainer(SupervisedTrainer):
+    """Train two networks (or a student and its mean teacher) on half-labeled, half-unlabeled batches.
+
+    Args:
+        device: the training device.
+        max_epochs: ignite epochs (one epoch = one validation interval).
+        train_data_loader: a :class:`scripts.data.semi_supervised_data.SemiSupervisedLoader`.
+        net_a: network A (the CNN; the UA-MT student).
+        optimizer_a: A's optimizer.
+        net_b: network B (the Transformer in CTS/CCT-R, a second U-Net in CPS, the EMA teacher in UA-MT).
+        optimizer_b: B's optimizer; must be ``None`` for ``mean_teacher`` (the teacher is not trained).
+        supervised_loss: ``L_sup(logits, label)`` (Dice + CE); also the registration-supervision loss.
+        consistency: ``"cross_teaching"``, ``"cps"`` or ``"mean_teacher"``.
+        consistency_weight: ``w_cps``: a callable of the 0-based iteration, or a constant.
+        rsl_weight: ``w_rsl``; 0 switches registration supervision off (the batches' registered
+            labels, if any, are then ignored). Positive needs registered labels in every batch.
+        epoch_length: iterations per epoch (default: ``len(train_data_loader)``).
+        prepare_batch: turns a loader batch into a :class:`SemiSupervisedBatch` (default:
+            :class:`scripts.data.semi_supervised_data.SemiSupervisedPrepareBatch`).
+        train_handlers: ignite / MONAI handlers, as for ``SupervisedTrainer``.
+        amp: mixed precision (CUDA only).
+        ema_decay: UA-MT teacher EMA decay.
+        uncertainty_passes, noise_std, noise_clip: UA-MT teacher noise passes.
+        uncertainty_max: UA-MT threshold scale; the threshold is ``(0.75 + 0.25 ramp(i)) * uncertainty_max``
+            (``ln 2`` in the reference implementation).
+        num_iterations: the ramp length of the UA-MT threshold; defaults to ``consistency_weight.total``.
+        contrastive: the contrastive term (``None``: off); its projector parameters must be in the optimizers.
+        contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
+        non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        net_a: nn.Module,
+        optimizer_a: Optimizer,
+        net_b: nn.Module,
+        supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        consistency: str = "cross_teaching",
+        optimizer_b: Optimizer | None = None,
+        consistency_weight: Callable[[int], float] | float = 0.1,
+        rsl_weight: float = 0.0,
+        epoch_length: int | None = None,
+        prepare_batch: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        ema_decay: float = 0.99,
+        uncertainty_passes: int = 8,
+        noise_std: float = 0.1,
+        noise_clip: float = 0.2,
+        uncertainty_max: float = math.log(2.0),
+        num_iterations: int | None = None,
+        contrastive: Callable | None = None,
+        contrastive_weight: float = 0.0,
+        non_blocking: bool = False,
+        amp_kwargs: dict | None = None,
+        optim_set_to_none: bool = False,
+    ) -> None:
+        if consistency not in CONSISTENCY_METHODS:
+            raise ValueError(f"consistency must be one of {CONSISTENCY_METHODS}, got {consistency!r}")
+        if consistency == "mean_teacher" and optimizer_b is not None:
+            raise ValueError("mean_teacher: net_b is the EMA teacher of net_a and must have no optimizer (optimizer_b=None)")
+        if consistency != "mean_teacher" and optimizer_b is None:
+            raise ValueError(f"{consistency}: both networks are trained; optimizer_b is required")
+        if float(rsl_weight) < 0:
+            raise ValueError(f"rsl_weight must be >= 0, got {rsl_weight!r}")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=net_a,
+            optimizer=optimizer_a,
+            loss_function=supervised_loss,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=SemiSupervisedPrepareBatch() if prepare_batch is None else prepare_batch,
+            inferer=SimpleInferer(),
+            train_handlers=train_handlers,
+            amp=amp,
+            decollate=False,  # the output is a dict of scalars; nothing to decollate
+            amp_kwargs=amp_kwargs,
+            optim_set_to_none=optim_set_to_none,
+        )
+        self.net_b = net_b
+        self.optimizer_b = optimizer_b
+        self.consistency = consistency
+        self.consistency_weight = consistency_weight
+        self.rsl_weight = float(rsl_weight)
+        self.rsl_loss = SelectedSamplesLoss(supervised_loss)
+        self.cross_loss: nn.Module = {
+            "cross_teaching": PseudoLabelDiceLoss,
+            "cps": PseudoLabelCELoss,
+            "mean_teacher": UncertaintyMaskedMSE,
+        }[consistency]()
+        self.ema_decay = float(ema_decay)
+        self.uncertainty_passes = int(uncertainty_passes)
+        self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
+        self.uncertainty_max = float(uncertainty_max)
+        if num_iterations is None:
+            num_iterations = consistency_weight.total if isinstance(consistency_weight, RampUpWeight) else None
+        if consistency == "mean_teacher":
+            if num_iterations is None:
+                raise ValueError("mean_teacher: num_iterations is needed for the uncertainty threshold ramp")
+            for p in unwrap(net_b).parameters():
+                p.requires_grad_(False)
+        self.num_iterations = num_iterations
+        if float(contrastive_weight) < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight!r}")
+        if float(contrastive_weight) > 0 and contrastive is None:
+            raise ValueError("contrastive_weight > 0 needs a contrastive term (scripts.contrastive.contrastive_term.ContrastiveTerm)")
+        self.contrastive = contrastive
+        self.contrastive_weight = float(contrastive_weight)
+        self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
+        self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
+
+    # ------------------------------------------------------------------ loss terms
+    def w_cps(self, iteration: int) -> float:
+        """The consistency weight at the 0-based ``iteration``."""
+        w = self.consistency_weight
+        return float(w(iteration) if callable(w) else w)
+
+    def _rsl(self, logits_u: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
+        if batch.registered_label is None:
+            raise ValueError(
+                "rsl_weight > 0 but the unlabeled batch has no 'registered_label': train on the registration "
+                "step's rsl_datalist.json, with registered_label among the unlabeled transform keys"
+            )
+        return self.rsl_loss(logits_u, batch.registered_label, batch.registered_valid)
+
+    def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
+        x, n = batch.images(), batch.num_labeled
+        out_a, out_b = self.network(x), self.net_b(x)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = {
+            "sup_a": self.loss_function(out_a[:n], batch.label),
+            "sup_b": self.loss_function(out_b[:n], batch.label),
+            "cps_a": self.cross_loss(out_a[n:], out_b[n:]),
+            "cps_b": self.cross_loss(out_b[n:], out_a[n:]),
+        }
+        loss_a = terms["sup_a"] + w * terms["cps_a"]
+        loss_b = terms["sup_b"] + w * terms["cps_b"]
+        if self.rsl_weight > 0:
+            terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
+            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+            loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
+        if self.contrastive_on:
+            terms["cl_a"] = self.contrastive("a", out_a, torch.softmax(out_b[n:].detach().float(), 1), batch)
+            terms["cl_b"] = self.contrastive("b", out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
+            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+            loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
+        terms["loss_a"], terms["loss_b"] = loss_a, loss_b
+        return loss_a + loss_b, terms
+
+    def _mean_teacher(self, batch: SemiSupervisedBatch, w: float, iteration: int) -> tuple[torch.Tensor, dict]:
+        x, n = batch.images(), batch.num_labeled
+        out_a = self.network(x)
+        target, uncertainty = noisy_teacher_predictions(
+            self.net_b, batch.unlabeled_image, self.uncertainty_passes, self.noise_std, self.noise_clip
+        )
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        threshold = (0.75 + 0.25 * sigmoid_ramp_up(iteration, self.num_iterations)) * self.uncertainty_max
+        terms = {
+            "sup_a": self.loss_function(out_a[:n], batch.label),
+            "cps_a": self.cross_loss(out_a[n:], target, uncertainty, threshold),
+            "certain_fraction": (uncertainty < threshold).float().mean(),
+        }
+        loss_a = terms["sup_a"] + w * terms["cps_a"]
+        if self.rsl_weight > 0:
+            terms["rsl_a"] = self._rsl(out_a[n:], batch)
+            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+        if self.contrastive_on:
+            terms["cl_a"] = self.contrastive("a", out_a, target, batch)
+            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+        terms["loss_a"] = loss_a
+        return loss_a, terms
+
+    # ------------------------------------------------------------------ one iteration
+    def _ddp_projector_parameters(self) -> list[torch.Tensor]:
+        """The projector parameters when they must be kept in step across DDP processes, else ``[]``.
+
+        The projector heads live outside the DDP-wrapped networks, so DDP neither broadcasts nor
+        averages them: :meth:`_iteration` does (rank 0's weights at the first iteration, after any
+        checkpoint was loaded; gradients averaged after every backward)."""
+        dist = torch.distributed
+        if not self.contrastive_on or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return []
+        return list(self.contrastive.parameters())
+
+    def _broadcast_projectors(self) -> None:
+        for p in self._ddp_projector_parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+    def _average_projector_grads(self) -> None:
+        params = self._ddp_projector_parameters()
+        world = torch.distributed.get_world_size() if params else 1
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+    def _optimizers(self) -> list[Optimizer]:
+        return [self.optimizer] + ([self.optimizer_b] if self.optimizer_b is not None else [])
+
+    def _iteration(self, engine: CrossTeachingTrainer, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        iteration = engine.state.iteration - 1
+        w = engine.w_cps(iteration)
+        engine.network.train()
+        engine.net_b.train()
+        if not engine._projectors_broadcast:
+            engine._broadcast_projectors()
+            engine._projectors_broadcast = True
+        for opt in engine._optimizers():
+            opt.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        def compute() -> tuple[torch.Tensor, dict]:
+            if engine.consistency == "mean_teacher":
+                return engine._mean_teacher(batch, w, iteration)
+            return engine._two_students(batch, w)
+
+        use_scaler = engine.amp and engine.scaler is not None
+        if use_scaler:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                loss, terms = compute()
+        else:
+            loss, terms = compute()
+        engine.state.output = {"loss": loss.detach()}
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if use_scaler:
+            engine.scaler.scale(loss).backward()
+            engine._average_projector_grads()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for opt in engine._optimizers():
+                engine.scaler.step(opt)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine._average_projector_grads()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for opt in engine._optimizers():
+                opt.step()
+        if engine.consistency == "mean_teacher":
+            terms["ema_alpha"] = torch.tensor(ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration))
+        terms["w_cps"] = torch.tensor(w)
+        if engine.contrastive_on:
+            for which, share in getattr(engine.contrastive, "reps_found", {}).items():
+                terms[f"reps_found_{which}"] = torch.tensor(share)  # anchors with a registered positive
+        engine.state.output["terms"] = {k: v.detach().float() for k, v in terms.items()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
