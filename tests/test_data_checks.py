@@ -297,3 +297,35 @@ def test_cli(tmp_path, capsys):
         cli(["--datalist", str(path)])
     assert exit_info.value.code == 1
     assert "no labeled case" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["nan_all", "nan_one", "inf"])
+def test_non_finite_image_values(tmp_path, bad):
+    path = tmp_path / "bad.nii.gz"
+    data = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    if bad == "nan_all":
+        data[:] = np.nan
+    elif bad == "nan_one":
+        data[3, 4, 2] = np.nan
+    else:
+        data[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+    entry = {"id": "bad", "image": str(path), "label": label(tmp_path / "bad_gt.nii.gz")}
+    _, problems = problems_of(datalist(tmp_path, training=[entry]))
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: image has non-finite values")
+    expect = {"nan_all": "192 NaN and 0 inf", "nan_one": "1 NaN and 0 inf", "inf": "0 NaN and 1 inf"}[bad]
+    assert expect in problems[0]
+    with pytest.raises(DataCheckError) as err:
+        check_image_file(path)  # inference inputs get the same check
+    assert "non-finite" in err.value.problems[0]
+
+
+def test_inference_folder_with_one_nan_volume_fails_before_work(tmp_path):
+    from scripts.inference.inference_inputs import collect_inputs
+
+    image(tmp_path / "good.nii.gz")
+    data = np.full((8, 8, 3), np.nan, np.float32)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(DataCheckError) as err:
+        collect_inputs(input_dir=str(tmp_path))
+    assert len(err.value.problems) == 1 and "nan.nii.gz: image has non-finite values" in err.value.problems[0]

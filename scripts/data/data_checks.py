@@ -116,6 +116,29 @@ def _check_complete(path: str, img: nib.spatialimages.SpatialImage) -> str | Non
     return None
 
 
+def _nonfinite_problem(path: str, img: nib.spatialimages.SpatialImage) -> str | None:
+    """NaN or inf voxels in an image (only floating-point files can hold them; integer data with the
+    finite scaling checked above cannot). Read slab by slab along the last axis to bound memory."""
+    if np.dtype(img.get_data_dtype()).kind != "f":
+        return None
+    proxy = img.dataobj
+    nan = inf = 0
+    try:
+        depth = proxy.shape[2] if len(proxy.shape) > 2 else 1
+        step = max(1, (1 << 24) // max(1, int(np.prod(proxy.shape[:2]))))
+        for z in range(0, depth, step):
+            slab = np.asarray(proxy[:, :, z : z + step] if len(proxy.shape) > 2 else proxy[:])
+            nan += int(np.isnan(slab).sum())
+            inf += int(np.isinf(slab).sum())
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
+        return f"{path}: image data unreadable ({type(err).__name__}: {err})"
+    if nan or inf:
+        total = int(np.prod(proxy.shape))
+        return (f"{path}: image has non-finite values ({nan} NaN and {inf} inf of {total} voxels); "
+                "images must hold finite intensities")
+    return None
+
+
 def _open(
     path: str, role: str, problems: list[str], stream: bool = True
 ) -> tuple[nib.spatialimages.SpatialImage, tuple[int, ...]] | None:
@@ -152,6 +175,10 @@ def _open(
     issue = _check_complete(path, img) if stream else None
     if issue:
         found.append(issue)
+    elif stream and role == "image":
+        issue = _nonfinite_problem(path, img)
+        if issue:
+            found.append(issue)
     problems.extend(found)
     return None if found else (img, shape)
 

@@ -126,8 +126,13 @@ class BestModelSaver:
         value = float(engine.state.metrics[name])
         if not np.isfinite(value) or not self._improved(value):
             return
-        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
         net = self.network.module if hasattr(self.network, "module") else self.network
+        bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            logger.error("%s %.4f at epoch %d not saved: %d tensors of the network are non-finite (first: %s)",
+                         name, value, int(engine.state.epoch), len(bad), bad[0])
+            return
+        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
         save_atomic(net.state_dict(), self.save_path)
         logger.info("best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path)
 
