@@ -11,6 +11,7 @@ last validation once the cause is fixed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -59,8 +60,10 @@ class NonFiniteLossGuard:
         if bool(torch.isfinite(loss).all()):
             return
         ids = batch_volume_ids(engine.state.batch)
-        last = (engine.state.epoch - 1) * engine.state.epoch_length
-        where = f"; the last good state is {self.state_path} (iteration {last})" if self.state_path else ""
+        where = ""
+        if self.state_path:
+            saved = "written at the last validation" if os.path.exists(self.state_path) else "not written yet"
+            where = f"; the last good state is {self.state_path} ({saved})"
         raise NonFiniteLossError(
             f"training stopped at iteration {engine.state.iteration}: the loss is {float(loss.float().mean())} "
             f"on the batch of volumes {ids or '(no ids in the batch)'}; no update was applied{where}. "
