@@ -157,3 +157,15 @@ def test_training_stops_on_bad_datalist_before_caching(tmp_path, phantom):
     assert "does_not_exist.nii.gz" in proc.stderr
     assert "Loading dataset" not in proc.stderr  # failed before any volume was cached
     assert not (tmp_path / "run" / "models" / "model.pt").exists()
+
+
+def test_num_iterations_is_trained_exactly(tmp_path, phantom):
+    """5 iterations with val_interval 2: rounds of 2, 2 and 1; the LR schedule ends where training ends."""
+    proc = ok(bundle(
+        "run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(tmp_path),
+        "--datalist_file", phantom, "--num_iterations", "5", "--val_interval", "2", *FAST,
+    ))
+    state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    assert state["trainer"]["iteration"] == 5
+    assert state["lr_scheduler"]["last_epoch"] == 5
+    assert "a last round of 1" in proc.stdout + proc.stderr
