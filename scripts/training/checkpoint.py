@@ -110,8 +110,10 @@ class BestModelSaver:
         self.greater_is_better = greater_is_better
         self.best_metric: float | None = None
         self.best_epoch: int = -1
+        self._evaluator: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
+        self._evaluator = engine
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def _improved(self, value: float) -> bool:
@@ -142,6 +144,11 @@ class BestModelSaver:
     def load_state_dict(self, state: Mapping) -> None:
         self.best_metric = state["best_metric"]
         self.best_epoch = int(state["best_epoch"])
+        if self._evaluator is not None and self.best_metric is not None:
+            # the evaluator's own record (its "Got new best metric" / "best value" lines) restarts at -1
+            # otherwise, and would call a worse model after the resume the best
+            self._evaluator.state.best_metric = self.best_metric
+            self._evaluator.state.best_metric_epoch = self.best_epoch
 
 
 class TrainStateCheckpoint:
