@@ -213,7 +213,7 @@ def test_write_reports_content(tmp_path):
         "val_per_case.csv", "val_summary.csv", "val_summary.md"]
     with open(paths["per_case"], newline="") as f:
         per_case = list(csv.DictReader(f))
-    assert list(per_case[0]) == ["case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty"]
+    assert list(per_case[0]) == ["case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty", "no_prediction"]
     assert len(per_case) == 4
     assert per_case[3]["case"] == "b" and per_case[3]["class_name"] == "LV"
     assert float(per_case[3]["hd95_mm"]) == 8.0 and per_case[3]["pred_empty"] == "True"
@@ -340,7 +340,7 @@ def test_evaluate_files(tmp_path):
     cases = [{"pred": "p1_pred.nii.gz", "label": "p1_gt.nii.gz"}]
     rows = evaluate_files(cases, class_ids=[1, 2], label_mapping={20: 1, 40: 2}, base_dir=tmp_path)
     expected = case_metrics(np.roll(label, 1, axis=2) // 20, label // 20, spacing, [1, 2])
-    assert rows == [{"case": "p1_gt", **r} for r in expected]
+    assert rows == [{"case": "p1_gt", **r, "no_prediction": False} for r in expected]
     # spacing comes from the (permuted-axes) header: the wrong spacing would change HD95 in mm
     assert rows[0]["hd95_mm"] != pytest.approx(case_metrics(pred // 20, label // 20, (1, 1, 1), [1])[0]["hd95_mm"])
     rows = evaluate_files([{"id": "x", "seg": str(tmp_path / "p1_pred.nii.gz"),

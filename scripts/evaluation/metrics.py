@@ -103,7 +103,7 @@ METRICS: tuple[str, ...] = ("dice", "hd95_mm", "hd95_vox")
 """The metric keys of a case row, in report order."""
 
 PER_CASE_COLUMNS: tuple[str, ...] = (
-    "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty",
+    "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty", "no_prediction",
 )
 _METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "hd95_vox": "HD95 (voxels)"}
 _METRIC_DECIMALS = {"dice": 4, "hd95_mm": 2, "hd95_vox": 2}
@@ -311,10 +311,12 @@ def summarize(
             entry[f"{m}_mean"], entry[f"{m}_std"] = _stats([float(r[m]) for r in crows])
         summary.append(entry)
 
+    no_prediction = sorted({str(r["case"]) for r in rows if r.get("no_prediction")})
     mean_entry: dict[str, Any] = {
         "class": "mean",
         "class_name": "mean",
         "n_cases": len(by_case),
+        "no_prediction": no_prediction,
         "n_gt_empty": sum(e["n_gt_empty"] for e in summary),
         "n_pred_empty": sum(e["n_pred_empty"] for e in summary),
     }
@@ -353,6 +355,11 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         f"Rows with empty ground truth: {last.get('n_gt_empty', 0)}; "
         f"with empty prediction: {last.get('n_pred_empty', 0)}.",
     ]
+    if last.get("no_prediction"):
+        lines.append(
+            f"Cases without a prediction, counted as failures (an all-background prediction: Dice 0): "
+            f"{len(last['no_prediction'])} ({', '.join(last['no_prediction'])})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +377,7 @@ def write_reports(
     names = class_name_map(class_names)
     summary = summarize(rows, names)
     out = Path(out_dir)
-    per_case = [{**r, "class_name": _name_of(names, int(r["class"]))} for r in rows]
+    per_case = [{"no_prediction": False, **r, "class_name": _name_of(names, int(r["class"]))} for r in rows]
     summary_cols = ["class", "class_name", "n_cases", "n_gt_empty", "n_pred_empty"]
     summary_cols += [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
     paths = {
@@ -437,6 +444,10 @@ def evaluate_files(
             values not listed become 0.
         base_dir: folder that relative paths are resolved against (default: working directory).
 
+    A case whose prediction is ``None`` has no prediction (e.g. registration found no partner): it
+    is scored as an all-background prediction (Dice 0 for every class present) and its rows carry
+    ``no_prediction: True``, so a failure counts in every mean instead of leaving it.
+
     Spacing comes from the label file's affine. The prediction must have the label's shape and
     (to 1e-3 mm / 1e-4 relative) its affine, otherwise :class:`MetricsInputError` names both files.
 
@@ -455,8 +466,12 @@ def evaluate_files(
             p = Path(str(case[key]))
             paths.append(base / p if base is not None and not p.is_absolute() else p)
         pred_path, label_path = paths
-        pred, pred_affine = _load_label_file(pred_path, "prediction")
         label, label_affine = _load_label_file(label_path, "label")
+        missing_pred = case[pred_key] is None
+        if missing_pred:
+            pred, pred_affine = np.zeros_like(label), label_affine
+        else:
+            pred, pred_affine = _load_label_file(pred_path, "prediction")
         if pred.shape != label.shape:
             raise MetricsInputError(
                 f"shape mismatch: prediction {pred_path} has shape {pred.shape}, "
@@ -471,7 +486,7 @@ def evaluate_files(
             pred, label = _apply_mapping(pred, label_mapping), _apply_mapping(label, label_mapping)
         spacing = spacing_from_affine(label_affine)[: label.ndim]
         case_id = str(case.get("id") or _case_id_from_path(label_path))
-        rows += [{"case": case_id, **r} for r in case_metrics(pred, label, spacing, class_ids)]
+        rows += [{"case": case_id, **r, "no_prediction": missing_pred} for r in case_metrics(pred, label, spacing, class_ids)]
     return rows
 
 

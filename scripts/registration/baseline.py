@@ -9,6 +9,7 @@ written as NIfTI on v's grid and scored with :func:`scripts.evaluation.metrics.e
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..evaluation.metrics import evaluate_files, summarize, write_reports
 from .brs import BestRegistrationSelector
 from .propagation import majority_vote, propagate_label
 from .store import TransformTable
+
+logger = logging.getLogger(__name__)
 
 
 def run_baseline(
@@ -58,7 +61,8 @@ def run_baseline(
         for method, qs in picks.items():
             maps = [get(q) for q in qs]
             maps = [m for m in maps if m is not None]
-            if not maps:
+            if not maps:  # no partner registered: a failure, scored with Dice 0 and named
+                methods[method].append({"id": v["id"], "pred": None, "label": v["label"]})
                 continue
             label = maps[0][0] if len(maps) == 1 else majority_vote([m[0] for m in maps], num_classes)
             path = out_dir / method / f"{v['id']}.nii.gz"
@@ -72,8 +76,13 @@ def run_baseline(
         write_reports(rows, out_dir / method, class_names, prefix="metrics")
         summary = summarize(rows, class_names)
         dice = [float(r["dice"]) for r in rows]
+        failed = [c["id"] for c in cases if c["pred"] is None]
+        if failed:
+            logger.warning("registration-only %s: %d volume(s) without a registered partner, counted with Dice 0: %s",
+                           method, len(failed), ", ".join(failed))
         result[method] = {
             "cases": len(cases),
+            "no_prediction": failed,
             "mean_dice": float(np.mean(dice)) if dice else float("nan"),
             "per_class": summary,
         }
