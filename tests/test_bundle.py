@@ -8,6 +8,7 @@ iterations.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ import torch
 from scripts.data.phantom import ensure_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0"]
+FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0",
+        "--swin_feature_size", "12", "--cl_num_anchors", "50", "--cl_num_negatives", "50", "--registration_workers", "1",
+        "--registration_torch_settings#iterations", "[20,10]", "--registration_torch_settings#num_points", "512"]
+LS = "['configs/train.yaml','configs/variants/ls.yaml']"
 
 
 def bundle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -40,9 +44,9 @@ def phantom(tmp_path_factory) -> str:
     return ensure_phantom_dataset(root, n_labeled=2, n_unlabeled=1, n_validation=1, n_test=2, seed=3)
 
 
-def train(run_dir: Path, datalist: str, *extra: str) -> subprocess.CompletedProcess:
+def train(run_dir: Path, datalist: str, *extra: str, config: str = "configs/train.yaml") -> subprocess.CompletedProcess:
     return bundle(
-        "run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(run_dir),
+        "run", "training", "--config_file", config, "--bundle_root", str(run_dir),
         "--datalist_file", datalist, "--num_iterations", "8", "--val_interval", "4", *FAST, *extra,
     )
 
@@ -54,25 +58,44 @@ def trained(tmp_path_factory, phantom) -> Path:
     return run_dir
 
 
-def test_training_writes_flat_model_and_full_state(trained):
+def test_default_training_registers_then_trains_cct_r(trained):
+    """The one command: registration first (with REPS partners), then the CNN + Transformer pair with RSL, SCL, REPS."""
     model = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in model.values()), "model.pt must be a flat state_dict"
+    assert any(k.startswith("net_a.") for k in model) and any(k.startswith("net_b.swinViT") for k in model)
     state = torch.load(trained / "models" / "train_state.pt", map_location="cpu", weights_only=False)
-    assert {"network", "optimizer", "lr_scheduler", "trainer", "best_model", "rng"} <= set(state)
+    assert {"network", "optimizer", "optimizer_b", "lr_scheduler", "trainer", "best_model", "rng", "contrastive", "curves"} <= set(state)
     assert state["trainer"]["iteration"] == 8
     assert state["best_model"]["best_metric"] is not None
-    assert (trained / "eval" / "runs").is_dir()  # TensorBoard logs
+    (reg,) = (trained / "registration").iterdir()  # one folder, named by the engine settings and the datalist content
+    assert (reg / "rsl_datalist.json").exists() and (reg / "transforms.npz").exists()
+    assert (reg / "qc_montage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (out,) = (trained / "eval").glob("training_*")
+    assert (out / "runs").is_dir() and (out / "curves.png").stat().st_size > 5000  # TensorBoard logs, curves
+    config = json.loads((trained / "models" / "model_config.json").read_text())
+    assert config["variant"] == "cct_r" and config["patch_size"] == [32, 32]
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, phantom, trained):
-    """8 iterations straight == 4 iterations, stop, resume, 4 more (same weights)."""
-    split = tmp_path / "split"
-    ok(train(split, phantom, "--max_epochs", "1"))
+def test_second_training_run_reuses_the_registration(tmp_path, phantom, trained):
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(trained / "registration", run / "registration")
+    proc = ok(train(run, phantom, "--max_epochs", "1"))
+    log = proc.stdout + proc.stderr
+    assert "reusing" in log and "pair/s" not in log  # no registration progress bar: nothing registered
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, phantom):
+    """8 iterations straight == 4 iterations, stop, resume, 4 more (same weights); the LS baseline."""
+    straight_dir, split = tmp_path / "straight", tmp_path / "split"
+    ok(train(straight_dir, phantom, config=LS))
+    ok(train(split, phantom, "--max_epochs", "1", config=LS))
     first = torch.load(split / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert first["trainer"]["iteration"] == 4
-    ok(train(split, phantom, "--resume", "true"))
+    ok(train(split, phantom, "--resume", "true", config=LS))
     resumed = torch.load(split / "models" / "train_state.pt", map_location="cpu", weights_only=False)
-    straight = torch.load(trained / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+    straight = torch.load(straight_dir / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert resumed["trainer"]["iteration"] == 8
     for name, value in straight["network"].items():
         torch.testing.assert_close(resumed["network"][name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -101,8 +124,9 @@ def test_inference_keeps_shape_and_affine_of_any_input(tmp_path, trained):
         "axis0.nii.gz": _oblique_volume(inputs / "axis0.nii.gz", shape=(5, 30, 26), axis_order=(2, 0, 1)),
     }
     out = tmp_path / "out"
-    ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-              "--input_dir", str(inputs), "--output_dir", str(out), "--patch_size", "[32,32]"))
+    proc = ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+                     "--input_dir", str(inputs), "--output_dir", str(out)))
+    assert f"written to {out}" in proc.stdout + proc.stderr  # says where
     for name, affine in affines.items():
         src = nib.load(inputs / name)
         pred = nib.load(out / name.replace(".nii.gz", "_seg.nii.gz"))
@@ -128,7 +152,7 @@ def test_evaluate_writes_per_case_and_summary(tmp_path, phantom, trained):
     report = tmp_path / "report"
     ok(bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
               "--bundle_root", str(trained), "--datalist_file", phantom, "--datalist_section", "test",
-              "--report_dir", str(report), "--output_dir", str(tmp_path / "pred"), "--patch_size", "[32,32]"))
+              "--report_dir", str(report), "--output_dir", str(tmp_path / "pred")))
     with open(report / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["class_name"] for r in rows} == {"RV", "myocardium", "LV"}
@@ -156,7 +180,9 @@ def test_training_stops_on_bad_datalist_before_caching(tmp_path, phantom):
     assert proc.returncode != 0
     assert "does_not_exist.nii.gz" in proc.stderr
     assert "Loading dataset" not in proc.stderr  # failed before any volume was cached
+    assert not (tmp_path / "run" / "registration").exists()  # ... or registered
     assert not (tmp_path / "run" / "models" / "model.pt").exists()
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr  # one readable message
 
 
 def test_num_iterations_is_trained_exactly(tmp_path, phantom):
@@ -169,3 +195,61 @@ def test_num_iterations_is_trained_exactly(tmp_path, phantom):
     assert state["trainer"]["iteration"] == 5
     assert state["lr_scheduler"]["last_epoch"] == 5
     assert "a last round of 1" in proc.stdout + proc.stderr
+
+
+def _phantom_folders(phantom: str) -> tuple[Path, Path]:
+    root = Path(phantom).parent
+    return root / "imagesTr", root / "labelsTr"
+
+
+def test_evaluate_plain_folders_writes_its_own_run_folder_and_pictures(phantom, trained):
+    images, labels = _phantom_folders(phantom)
+    runs = []
+    for _ in range(2):
+        proc = ok(bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
+                         "--bundle_root", str(trained), "--image_dir", str(images), "--label_dir", str(labels)))
+        assert "reports written to" in proc.stdout + proc.stderr
+        runs.append(sorted((trained / "eval").glob("evaluation_*")))
+    assert len(runs[1]) == len(runs[0]) + 1  # a second evaluation never overwrites the first
+    out = runs[1][-1]
+    with open(out / "metrics_per_case.csv") as f:
+        cases = {r["case"] for r in csv.DictReader(f)}
+    assert len(cases) == len(list(images.glob("*.nii.gz")))  # every image of the folder, matched to its label
+    for png in [out / "dice_per_class.png", *sorted((out / "overlays").glob("*.png"))]:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert len(list((out / "overlays").glob("*.png"))) == len(cases)
+    assert len(list((out / "predictions").glob("*_seg.nii.gz"))) == len(cases)
+
+
+def test_evaluate_refuses_images_without_labels(tmp_path, phantom, trained):
+    images, labels = _phantom_folders(phantom)
+    partial = tmp_path / "labels"
+    partial.mkdir()
+    first = sorted(labels.glob("*.nii.gz"))[0]
+    (partial / first.name).write_bytes(first.read_bytes())
+    proc = bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
+                  "--bundle_root", str(trained), "--image_dir", str(images), "--label_dir", str(partial),
+                  "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "no label for this image" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("**/*.nii.gz"))  # refused before any work
+
+
+def test_inference_refuses_a_model_that_does_not_fit_its_description(tmp_path, phantom, trained):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(trained / "models" / "model.pt", models / "model.pt")
+    config = json.loads((trained / "models" / "model_config.json").read_text())
+    config["networks"] = {"a": config["networks"]["a"]}  # says: one U-Net (an LS model)
+    (models / "model_config.json").write_text(json.dumps(config))
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(tmp_path),
+                  "--input_dir", str(_phantom_folders(phantom)[0]))
+    assert proc.returncode != 0 and "does not fit the network" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inference_refuses_another_patch_size(tmp_path, trained):
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+                  "--patch_size", "[64,64]", "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "trained at" in proc.stderr

@@ -56,21 +56,37 @@ def test_metadata_output_channels_match_network():
     assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == parser.get_parsed_content("class_names")
 
 
-@pytest.mark.parametrize("use_trace", [False, True])
-def test_ckpt_export_torchscript(tmp_path, use_trace):
+LS_MODEL = {
+    "variant": "ls",
+    "networks": {"a": {"type": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4,
+                       "features": [16, 32, 64, 128, 256, 16], "dropout": 0.0}},
+    "patch_size": [96, 96], "class_names": ["background", "RV", "myocardium", "LV"],
+    "intensity": {"type": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+}
+
+
+@pytest.mark.parametrize("model", ["default", "ls"])
+def test_ckpt_export_torchscript(tmp_path, model):
+    """The default CCT-R pair exports by tracing (SwinUNETR is not scriptable), an LS U-Net by scripting."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.yaml"))
+    extra = []
+    if model == "ls":
+        config = tmp_path / "model_config.json"
+        config.write_text(json.dumps(LS_MODEL))
+        parser["model_config_file"] = str(config)
+        extra = ["--model_config_file", str(config)]
     net = parser.get_parsed_content("network_def")
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     out = tmp_path / "model.ts"
     args = ["ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file", str(ckpt),
-            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--key_in_ckpt", ""]
-    if use_trace:
-        args += ["--use_trace", "True", "--input_shape", "[1,1,64,64]"]
+            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--key_in_ckpt", "", *extra]
+    if model == "default":
+        args += ["--use_trace", "True", "--input_shape", "[1,1,96,96]"]
     ok(bundle(*args))
     scripted = torch.jit.load(str(out))
-    x = torch.rand(1, 1, 64, 64)
+    x = torch.rand(1, 1, 96, 96)
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)

@@ -58,8 +58,9 @@ def datalist(tmp_path) -> Path:
 
 def _parser(datalist: Path, *extra: str) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/cct_r.yaml", *extra)])
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", *extra)])
     parser["datalist_file"] = str(datalist)
+    parser["use_reps"] = False  # a hand-made registered datalist: no registration transforms for REPS
     parser["patch_size"] = [48, 48]
     return parser
 

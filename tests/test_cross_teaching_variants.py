@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.data.semi_supervised_data import MissingRegisteredLabelError
 from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle
 
 torch.set_num_threads(1)
@@ -34,10 +33,10 @@ def _model(run_dir: Path) -> dict:
     return torch.load(run_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
 
 
-def _evaluates(run_dir: Path, datalist: str, inference_files: list[str]) -> None:
-    """The variant's documented inference override loads its model.pt and scores the validation volume."""
+def _evaluates(run_dir: Path, datalist: str) -> None:
+    """The plain inference + evaluation configs rebuild the variant's network from models/model_config.json."""
     report = run_dir / "report"
-    run_bundle(run_dir, ["inference.yaml", "evaluate.yaml", *inference_files], datalist, "--datalist_section", "validation",
+    run_bundle(run_dir, ["inference.yaml", "evaluate.yaml"], datalist, "--datalist_section", "validation",
                "--report_dir", str(report), "--output_dir", str(run_dir / "pred"), run_id="evaluating")
     with open(report / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
@@ -45,21 +44,26 @@ def _evaluates(run_dir: Path, datalist: str, inference_files: list[str]) -> None
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
 
 
+def _training_outputs(run_dir: Path) -> Path:
+    (folder,) = sorted((run_dir / "eval").glob("training_*"))  # one run, one folder of its own
+    return folder
+
+
 def _monitor(run_dir: Path) -> dict:
-    history = json.loads((run_dir / "eval" / "pseudo_label_dice.json").read_text())
+    history = json.loads((_training_outputs(run_dir) / "pseudo_label_dice.json").read_text())
     assert [r["iteration"] for r in history] == [2]
     return history[-1]["dice"]
 
 
 @pytest.mark.parametrize(
-    "variant, files, datalist, names, rsl, inference",
+    "variant, files, datalist, names, rsl",
     [
-        ("cct-r", ["variants/cct_r.yaml"], "rsl", ["cnn", "transformer"], True, ["variants/inference_cct_r.yaml"]),
-        ("cts", ["variants/cct_r.yaml", "variants/cts.yaml"], "plain", ["cnn", "transformer"], False, ["variants/inference_cct_r.yaml"]),
-        ("cps", ["variants/cct_r.yaml", "variants/cps.yaml"], "plain", ["unet_a", "unet_b"], False, ["variants/inference_cct_r.yaml", "variants/inference_cps.yaml"]),
+        ("cct_r_no_contrastive", ["variants/no_contrastive.yaml"], "rsl", ["cnn", "transformer"], True),
+        ("cts", ["variants/cts.yaml"], "plain", ["cnn", "transformer"], False),
+        ("cps", ["variants/cps.yaml"], "plain", ["unet_a", "unet_b"], False),
     ],
 )
-def test_two_student_variants(tmp_path, data, variant, files, datalist, names, rsl, inference):
+def test_two_student_variants(tmp_path, data, variant, files, datalist, names, rsl):
     run_bundle(tmp_path, ["train.yaml", *files], data[datalist], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
@@ -77,12 +81,15 @@ def test_two_student_variants(tmp_path, data, variant, files, datalist, names, r
         assert 0.0 <= scores["mean"] <= 1.0
     if rsl:  # one registered label is the truth, the other a shifted copy
         assert 0.3 < dice["registered"]["mean"] < 1.0
-    _evaluates(tmp_path, data[datalist], inference)
+    config = json.loads((tmp_path / "models" / "model_config.json").read_text())
+    assert config["variant"] == variant and set(config["networks"]) == {"a", "b"} and config["patch_size"] == [32, 32]
+    assert (_training_outputs(tmp_path) / "curves.png").stat().st_size > 1000
+    _evaluates(tmp_path, data[datalist])
 
 
 @pytest.mark.parametrize("rsl", [False, True])
 def test_uamt_variants(tmp_path, data, rsl):
-    files = ["train.yaml", "variants/cct_r.yaml", "variants/uamt.yaml"] + (["variants/uamt_rsl.yaml"] if rsl else [])
+    files = ["train.yaml", "variants/uamt_rsl.yaml" if rsl else "variants/uamt.yaml"]
     run_bundle(tmp_path, files, data["rsl" if rsl else "plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
@@ -94,27 +101,64 @@ def test_uamt_variants(tmp_path, data, rsl):
     assert any(not torch.equal(student[k], teacher[k]) for k in student)  # an average, not a copy
     dice = _monitor(tmp_path)
     assert set(dice) == {"student", "teacher"} | ({"registered"} if rsl else set())
-    _evaluates(tmp_path, data["plain"], ["variants/inference_cct_r.yaml", "variants/inference_uamt.yaml"])
+    assert json.loads((tmp_path / "models" / "model_config.json").read_text())["branch"] == "a"  # the student
+    _evaluates(tmp_path, data["plain"])
 
 
 def test_fs_trains_on_labeled_and_true_labels(tmp_path, data):
-    run_bundle(tmp_path, ["train.yaml", "variants/fs.yaml"], data["plain"], *ITERATIONS)
+    run_bundle(tmp_path, ["train.yaml", "variants/ls.yaml", "variants/fs.yaml"], data["plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
     model = _model(tmp_path)
     assert not any(k.startswith("net_") for k in model)  # a plain U-Net, served by inference.yaml
-    assert not (tmp_path / "eval" / "pseudo_label_dice.json").exists()
-    _evaluates(tmp_path, data["plain"], [])
+    assert not (_training_outputs(tmp_path) / "pseudo_label_dice.json").exists()
+    assert set(json.loads((tmp_path / "models" / "model_config.json").read_text())["networks"]) == {"a"}
+    _evaluates(tmp_path, data["plain"])
 
 
-def test_cct_r_refuses_a_datalist_without_registered_labels(tmp_path, data):
-    with pytest.raises(RuntimeError) as info:
-        run_bundle(tmp_path, ["train.yaml", "variants/cct_r.yaml"], data["plain"], *ITERATIONS)
-    error, causes = info.value, []
-    while error is not None:  # the bundle wraps the error of the expression that failed
-        causes.append(error)
-        error = error.__cause__
-    root = causes[-1]
-    assert isinstance(root, MissingRegisteredLabelError)
-    assert "registered_label" in str(root) and data["plain"] in str(root)
-    assert not (tmp_path / "models" / "model.pt").exists()
+def test_ls_trains_one_unet_on_labeled_batches(tmp_path, data):
+    run_bundle(tmp_path, ["train.yaml", "variants/ls.yaml"], data["plain"], *ITERATIONS)
+    state = _state(tmp_path)
+    assert state["trainer"]["iteration"] == 2 and "optimizer_b" not in state
+    assert json.loads((tmp_path / "models" / "model_config.json").read_text())["variant"] == "ls"
+    assert not (tmp_path / "registration").exists()  # no registration for a supervised baseline
+    _evaluates(tmp_path, data["plain"])
+
+
+REGISTRATION_FAST = ["--registration_workers", "0", "--registration_torch_settings#levels", "[6.0]",
+                     "--registration_torch_settings#iterations", "[10]", "--registration_torch_settings#num_points", "256",
+                     "--cl_num_anchors", "50", "--cl_num_negatives", "50"]
+
+
+@pytest.mark.parametrize(
+    "overlay, variant, random_partner",
+    [
+        ([], "cct_r", False),                          # the default: registration inside training, RSL + SCL + REPS
+        (["variants/cct_r.yaml"], "cct_r", False),     # the paper's settings pinned
+        (["variants/no_reps.yaml"], "cct_r_no_reps", False),
+        (["variants/no_brs.yaml"], "cct_r_no_brs", True),
+        (["variants/mcsc.yaml"], "mcsc", False),
+    ],
+)
+def test_registration_variants_train_from_a_plain_datalist(tmp_path, data, overlay, variant, random_partner):
+    """One command: registration (when the variant needs it), training, then the plain inference config."""
+    run_bundle(tmp_path, ["train.yaml", *overlay], data["plain"], *ITERATIONS, *REGISTRATION_FAST)
+    terms = _state(tmp_path)
+    assert terms["trainer"]["iteration"] == 2
+    folders = list((tmp_path / "registration").glob("*")) if (tmp_path / "registration").exists() else []
+    assert len(folders) == (0 if variant == "mcsc" else 1)
+    if folders:
+        assert (folders[0] / ("rsl_datalist_random.json" if random_partner else "rsl_datalist.json")).exists()
+    assert "contrastive" in terms  # SCL / MCSC projector heads are checkpointed
+    assert json.loads((tmp_path / "models" / "model_config.json").read_text())["variant"] == variant
+    _evaluates(tmp_path, data["plain"])
+
+
+def test_training_tracks_with_mlflow(tmp_path, data):
+    from mlflow.tracking import MlflowClient
+
+    run_bundle(tmp_path, ["train.yaml", "variants/cts.yaml"], data["plain"], *ITERATIONS, "--tracking", "mlflow")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "cct_r_cts"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert {"train_loss", "sup_a", "cps_b", "val_mean_dice", "val_dice_RV", "pseudo_dice_cnn"} <= set(run.data.metrics)

@@ -81,12 +81,15 @@ def test_deformable_exports_a_field_and_stays_accurate(tmp_path, engine, setting
 
 @pytest.mark.parametrize("engine,settings", [("torch", FAST_TORCH), ("sitk", FAST_SITK)])
 def test_failing_pair_is_recorded_with_reason(tmp_path, engine, settings):
+    """An unreadable volume is an input error (retried by the next run), told apart from a failed registration."""
+    from scripts.registration.engine import INPUT_ERROR
+
     spec, _ = _pair(tmp_path, known_affine())
     bad = PairSpec("i", spec.fixed_path, "missing", str(tmp_path / "missing.nii.gz"))
     results = make_engine(engine, **dict(settings, iterations=(5, 5))).register_batch([spec, bad])
     assert [r.moving_id for r in results] == ["j", "missing"]
     assert results[0].ok
-    assert results[1].status == "failed" and "missing.nii.gz" in results[1].reason
+    assert results[1].status == INPUT_ERROR and "missing.nii.gz" in results[1].reason
 
 
 def test_blank_moving_volume_is_recorded_as_failed(tmp_path):

@@ -74,3 +74,21 @@ def test_plan_pairs_covers_rsl_reps_and_baseline_needs():
     assert k1 == plan_pairs(lab, unl, [], reps_partners=1, seed=3)  # deterministic
     for p in k1:
         assert (p.moving_id, p.fixed_id) in {q.key for q in k1}  # both directions
+
+
+def test_run_registration_checks_its_inputs_first(tmp_path, monkeypatch):
+    """A missing image stops 'run registration' with its name before any pair is registered."""
+    import subprocess
+    import sys
+
+    datalist = phantom.ensure_phantom_dataset(tmp_path / "ph", n_labeled=1, n_unlabeled=2, n_validation=0, n_test=0)
+    data = json.loads(Path(datalist).read_text())
+    data["unlabeled"][1]["image"] = "imagesTr/missing.nii.gz"
+    bad = tmp_path / "ph" / "bad.json"
+    bad.write_text(json.dumps(data))
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "registration", "--config_file", "configs/registration.yaml",
+                           "--bundle_root", str(tmp_path), "--datalist_file", str(bad)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "missing.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "registration").exists()

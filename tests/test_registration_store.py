@@ -32,7 +32,7 @@ def test_commit_load_consolidate_round_trip(tmp_path):
     np.testing.assert_allclose(again.get("a", "b").matrix, known_affine((0, 0, 1.0), (1, 1, 1), (1.0, 0, 0)))
     assert again.get("b", "a").field.shape == (3, 2, 3, 2) and float(again.get("b", "a").field[0, 0, 0, 0]) == 2.0
     assert again.get("a", "c") is None and again.get("x", "y") is None
-    assert again.failures() == [{"fixed": "a", "moving": "c", "reason": "diverged: test"}]
+    assert again.failures() == [{"fixed": "a", "moving": "c", "status": "failed", "reason": "diverged: test"}]
     keys, mats, ok = load_transforms_torch(tmp_path / "s")
     assert isinstance(mats, torch.Tensor) and mats.shape == (3, 4, 4) and ok.tolist() == [True, True, False]
 
@@ -91,3 +91,21 @@ def test_resume_after_kill_loses_no_finished_batch(tmp_path):
     runner.engine = third
     runner.register(pairs)
     assert third.calls == []
+
+
+def test_input_errors_are_retried_on_the_next_run(tmp_path):
+    """A pair whose volume could not be read is not 'done'; its later result replaces the error."""
+    from scripts.registration.engine import INPUT_ERROR, PairResult
+    from scripts.registration.store import TransformStore
+    from scripts.registration.transform import PairTransform
+
+    store = TransformStore(tmp_path, settings={"engine": "test"})
+    store.commit([PairResult("a", "b", None, INPUT_ERROR, "load: truncated file"),
+                  PairResult("a", "c", None, "failed", "diverged"),
+                  PairResult("b", "a", PairTransform(np.eye(4)))])
+    assert store.done() == {("a", "c"), ("b", "a")}  # the diverged pair is final, the unreadable one is not
+    assert {f["status"] for f in store.load().failures()} == {INPUT_ERROR, "failed"}
+    store.commit([PairResult("a", "b", PairTransform(np.eye(4)))])  # the file was fixed
+    table = store.consolidate()
+    assert store.done() == {("a", "b"), ("a", "c"), ("b", "a")}
+    assert table.get("a", "b") is not None and len(table) == 3

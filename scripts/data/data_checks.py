@@ -29,6 +29,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from scripts.data.datalist import SECTIONS, DatalistError, read_datalist
+from scripts.user_errors import BundleInputError
 
 __all__ = ["DataCheckError", "check_datalist", "check_image_file", "main", "cli"]
 
@@ -40,7 +41,7 @@ AFFINE_RTOL = 1e-4
 LABELED_SECTIONS = ("training", "validation")
 
 
-class DataCheckError(ValueError):
+class DataCheckError(BundleInputError):
     """The data are not fit for use; ``problems`` lists every problem found, one string each."""
 
     def __init__(self, problems: Sequence[str], source: str | os.PathLike | None = None):

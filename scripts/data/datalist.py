@@ -37,6 +37,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.data.atomic_io import write_json
+from scripts.user_errors import BundleInputError
 
 __all__ = [
     "SECTIONS",
@@ -60,11 +61,22 @@ SPLITS_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "spl
 ACDC_LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 
 _NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$")
-_LABEL_SUFFIXES = ("_gt", "_seg", "_label")
+LABEL_SUFFIXES = ("_gt", "_seg", "_label")
 
 
-class DatalistError(ValueError):
+class DatalistError(BundleInputError):
     """A datalist file, or the data folder a builder reads, is not what it should be."""
+
+
+class DatalistNotFoundError(DatalistError, FileNotFoundError):
+    """A datalist, split file, data folder or case that does not exist."""
+
+
+class DatalistSectionError(DatalistError, KeyError):
+    """A datalist section that is not there."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +117,7 @@ def read_datalist(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist (or is not a file)")
+        raise DatalistNotFoundError(f"datalist {path} does not exist (or is not a file)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -137,7 +149,7 @@ def load_datalist(path: str | os.PathLike, section: str) -> list[dict]:
     data = read_datalist(path)
     if section not in data or not isinstance(data[section], list):
         available = [k for k, v in data.items() if isinstance(v, list) and (k in SECTIONS or _is_entry_list(v))]
-        raise KeyError(f"datalist {path} has no section {section!r}; available sections: {available}")
+        raise DatalistSectionError(f"datalist {path} has no section {section!r}; available sections: {available}")
     items = data[section]
     if section not in SECTIONS:  # a custom section: resolve it the same way
         base = Path(path).resolve().parent
@@ -178,7 +190,7 @@ def summarize(path: str | os.PathLike) -> str:
 def _write(out: str | os.PathLike | None, header: dict, sections: Mapping[str, list[dict]]) -> str:
     """Check ids are unique and write the datalist atomically; return its path."""
     if out is None:
-        raise ValueError("no output path given (out=...)")
+        raise DatalistError("no output path given (out=...)")
     seen: dict[str, str] = {}
     for section, items in sections.items():
         for item in items:
@@ -195,7 +207,7 @@ def _write(out: str | os.PathLike | None, header: dict, sections: Mapping[str, l
 def _load_split(name: str, split: str | os.PathLike | None) -> tuple[Path, dict]:
     path = Path(split) if split is not None else SPLITS_DIR / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist")
+        raise DatalistNotFoundError(f"split file {path} does not exist")
     try:
         return path, json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -261,7 +273,7 @@ def build_acdc(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ACDC root {root} is not a folder")
+        raise DatalistNotFoundError(f"ACDC root {root} is not a folder")
     split_path, spec = _load_split("acdc", split)
     train, validation, test = spec["train"], spec["validation"], spec.get("test", [])
     labeled = int(labeled)
@@ -288,7 +300,7 @@ def build_acdc(
         if folder is None:
             if role == "test":
                 return None
-            raise FileNotFoundError(f"ACDC patient folder {root / patient} not found ({role} patient of {split_path})")
+            raise DatalistNotFoundError(f"ACDC patient folder {root / patient} not found ({role} patient of {split_path})")
         return _acdc_frames(folder, patient)
 
     for patient in train:
@@ -389,7 +401,7 @@ def build_synapse(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Synapse root {root} is not a folder")
+        raise DatalistNotFoundError(f"Synapse root {root} is not a folder")
     split_path, spec = _load_split("synapse", split)
     train, test = list(spec["train"]), list(spec["test"])
     labeled, num_validation = int(labeled), int(num_validation)
@@ -403,9 +415,9 @@ def build_synapse(
     val_cases = train[len(train) - num_validation :] if num_validation else []
     for i, case in enumerate(train):
         if case not in images:
-            raise FileNotFoundError(f"Synapse train case {case}: no img{case}.nii.gz under {root}")
+            raise DatalistNotFoundError(f"Synapse train case {case}: no img{case}.nii.gz under {root}")
         if case not in labels:
-            raise FileNotFoundError(f"Synapse train case {case}: no label{case}.nii.gz under {root}")
+            raise DatalistNotFoundError(f"Synapse train case {case}: no label{case}.nii.gz under {root}")
         image, label = _abs(images[case]), _abs(labels[case])
         if i < labeled:
             sections["training"].append({"id": f"case{case}", "image": image, "label": label})
@@ -443,15 +455,15 @@ def _stem(name: str) -> str:
     return _NIFTI_SUFFIX.sub("", name)
 
 
-def _nifti_files(folder: Path, pattern: str) -> dict[str, Path]:
+def nifti_files(folder: Path, pattern: str) -> dict[str, Path]:
     """``{stem: path}`` of the NIfTI files in ``folder`` matching ``pattern``."""
     return {_stem(p.name): p for p in sorted(folder.glob(pattern)) if p.is_file() and _NIFTI_SUFFIX.search(p.name)}
 
 
-def _label_for(stem: str, label_files: Mapping[str, Path], same_folder: bool) -> Path | None:
+def label_for(stem: str, label_files: Mapping[str, Path], same_folder: bool) -> Path | None:
     if not same_folder and stem in label_files:
         return label_files[stem]
-    for suffix in _LABEL_SUFFIXES:
+    for suffix in LABEL_SUFFIXES:
         if stem + suffix in label_files:
             return label_files[stem + suffix]
     return None
@@ -522,24 +534,24 @@ def build_folder(
     """
     image_dir = Path(images)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} is not a folder")
+        raise DatalistNotFoundError(f"image folder {image_dir} is not a folder")
     label_dir = Path(labels) if labels is not None else image_dir
     if not label_dir.is_dir():
-        raise FileNotFoundError(f"label folder {label_dir} is not a folder")
+        raise DatalistNotFoundError(f"label folder {label_dir} is not a folder")
     same_folder = label_dir.resolve() == image_dir.resolve()
 
-    image_files = _nifti_files(image_dir, pattern)
-    label_files = _nifti_files(label_dir, "*.nii*")
+    image_files = nifti_files(image_dir, pattern)
+    label_files = nifti_files(label_dir, "*.nii*")
     if same_folder:  # label files next to the images are not cases
         image_files = {
             s: p
             for s, p in image_files.items()
-            if not any(s.endswith(x) and s[: -len(x)] in image_files for x in _LABEL_SUFFIXES)
+            if not any(s.endswith(x) and s[: -len(x)] in image_files for x in LABEL_SUFFIXES)
         }
     if not image_files:
         raise DatalistError(f"no NIfTI image matching {pattern!r} in {image_dir}")
     case_ids = sorted(image_files)
-    case_label = {c: _label_for(c, label_files, same_folder) for c in case_ids}
+    case_label = {c: label_for(c, label_files, same_folder) for c in case_ids}
     with_label = [c for c in case_ids if case_label[c] is not None]
 
     def check_ids(ids: list[str], what: str, need_label: bool) -> list[str]:

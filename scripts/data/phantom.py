@@ -52,6 +52,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from scripts.data.atomic_io import save_nifti, write_json
+from scripts.user_errors import BundleInputError
 
 __all__ = [
     "PHANTOM_VERSION",
@@ -153,7 +154,7 @@ _APPEARANCE_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-class PhantomDatasetError(ValueError):
+class PhantomDatasetError(BundleInputError):
     """A phantom dataset folder or its settings cannot be used."""
 
 

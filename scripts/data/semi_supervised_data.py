@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.data.datalist import load_datalist
+from scripts.user_errors import BundleInputError
 
 __all__ = [
     "REGISTERED_LABEL",
@@ -44,7 +45,7 @@ REGISTERED_LABEL = "registered_label"
 REGISTERED_VALID = "registered_label_valid"
 
 
-class MissingRegisteredLabelError(ValueError):
+class MissingRegisteredLabelError(BundleInputError):
     """Registration supervision was requested but the datalist has no registered labels."""
 
 

@@ -525,6 +525,12 @@ class SegmentationReport:
         class_ids: classes to score; default: every named class except 0 (background).
         id_key: key of the case id in the data dicts.
         logger_name: name of the logger the summary goes to.
+        figures: also draw, per case, ``overlays/<case>.png`` (a few slices of the image with the
+            ground truth (solid) and predicted (dashed) contours; needs the image in the output
+            under ``image_key``), and ``dice_per_class.png`` at the end
+            (:mod:`scripts.evaluation.figures`).
+        image_key: key of the image in each output dict.
+        max_overlays: at most this many overlay pictures (the first cases).
 
     Note: in multi-process (DDP) evaluation each process only sees its own shard of cases.
     """
@@ -539,8 +545,12 @@ class SegmentationReport:
         class_ids: Sequence[int] | None = None,
         id_key: str = "id",
         logger_name: str | None = None,
+        figures: bool = False,
+        image_key: str = "image",
+        max_overlays: int = 50,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.figures, self.image_key, self.max_overlays = bool(figures), image_key, int(max_overlays)
         self.class_names = class_name_map(class_names)
         self.class_ids = [int(c) for c in class_ids] if class_ids is not None else sorted(
             c for c in self.class_names if c != 0
@@ -634,6 +644,19 @@ class SegmentationReport:
             case_id = self._case_id(item, batch[i] if i < len(batch) else None)
             self._n_seen += 1
             self.rows += [{"case": case_id, **r} for r in case_metrics(pred, label, spacing, self.class_ids)]
+            if self.figures and self._n_seen <= self.max_overlays and self.image_key in item:
+                self._overlay(item[self.image_key], pred, label, spacing, case_id)
+
+    def _overlay(self, image: Any, pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], case_id: str) -> None:
+        from scripts.evaluation.figures import write_case_overlays
+
+        image = np.asarray(torch.as_tensor(image).detach().cpu().float())
+        image = image[0] if image.ndim == label.ndim + 1 else image
+        write_case_overlays(
+            self.output_dir / "overlays" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', case_id)}.png", image,
+            {"ground truth": np.asarray(label.cpu()), "prediction": np.asarray(pred.cpu())}, spacing,
+            self.class_ids, title=case_id, class_names=self.class_names,
+        )
 
     # -- end of run ----------------------------------------------------------------------------
 
@@ -643,6 +666,10 @@ class SegmentationReport:
             self.logger.warning("SegmentationReport: no cases were evaluated, no report written")
             return
         self.report_paths = write_reports(self.rows, self.output_dir, self.class_names, self.prefix)
+        if self.figures:
+            from scripts.evaluation.figures import write_dice_plot
+
+            write_dice_plot(self.output_dir / "dice_per_class.png", self.rows, self.class_names)
         self.summary = summarize(self.rows, self.class_names)
         self.logger.info(
             "Segmentation metrics (%d cases), written to %s:\n%s",
@@ -652,3 +679,30 @@ class SegmentationReport:
             for m in METRICS:
                 key = f"mean_{m}" if entry["class"] == "mean" else f"{m}_{entry['class_name']}"
                 engine.state.metrics[key] = entry[f"{m}_mean"]
+
+
+class SplitClassMetric:
+    """Evaluator handler: replace a per-class metric tensor (``MeanDice(reduction="mean_batch")``) by one
+    scalar per class, ``<prefix><class name>`` (``val_dice_RV``, ...), so that every logger and tracker
+    (stats, TensorBoard, MLflow) gets plain numbers. Attach it before the handlers that read metrics.
+
+    Args:
+        metric: the per-class metric name in ``engine.state.metrics``.
+        class_names: background first (the metric has one value per foreground class).
+        prefix: the scalar metrics' name prefix.
+    """
+
+    def __init__(self, metric: str, class_names: Sequence[str], prefix: str = "val_dice_") -> None:
+        self.metric, self.class_names, self.prefix = metric, list(class_names), prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        values = engine.state.metrics.pop(self.metric, None)
+        if values is None:
+            return
+        values = torch.as_tensor(values).reshape(-1).tolist()
+        names = self.class_names[1:] if len(values) == len(self.class_names) - 1 else [str(i + 1) for i in range(len(values))]
+        for name, value in zip(names, values):
+            engine.state.metrics[f"{self.prefix}{name}"] = float(value)

@@ -1,7 +1,9 @@
-"""Which volumes to segment: an explicit list, a folder, or a section of a datalist.
+"""Which volumes to segment (an explicit list, a folder, or a section of a datalist), and for evaluation
+which label goes with each image (two folders or two lists, matched by name).
 
 Every input is checked (readable, 3D) before inference starts, so a bad file in the middle of a
-folder fails at once with its name instead of after an hour of predictions.
+folder fails at once with its name instead of after an hour of predictions. Evaluation refuses
+images without a label and labels without an image instead of scoring something else.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import os
 from collections.abc import Sequence
 
 from scripts.data.data_checks import DataCheckError, check_image_file
-from scripts.data.datalist import load_datalist
+from pathlib import Path
+
+from scripts.data.datalist import LABEL_SUFFIXES, label_for, load_datalist, nifti_files
 
 
 def collect_inputs(
@@ -58,3 +62,80 @@ def collect_inputs(
     if problems:
         raise DataCheckError(problems, source=origin)
     return items
+
+
+def collect_labeled_inputs(
+    image_files: Sequence[str] | str | None = None,
+    label_files: Sequence[str] | str | None = None,
+    image_dir: str | None = None,
+    label_dir: str | None = None,
+    pattern: str = "*.nii*",
+    datalist: str | None = None,
+    section: str = "validation",
+) -> list[dict]:
+    """``[{"image": path, "label": path}]`` for evaluation, from the first of these that is given.
+
+    * ``image_files`` + ``label_files``: two lists of the same length, paired in order;
+    * ``image_dir`` + ``label_dir``: files matched by name: ``case.nii.gz`` with ``case.nii.gz``,
+      ``case_gt``, ``case_seg`` or ``case_label`` (one folder for both works too, with those suffixes);
+    * ``datalist``: the entries of ``section`` (each must have a label).
+
+    Raises:
+        DataCheckError: no input, a list or folder missing, an image without a label or a label
+            without an image (all named), or an unreadable / non-3D file.
+    """
+    as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x or [])  # noqa: E731
+    problems: list[str] = []
+    if image_files or label_files:
+        images, labels = as_list(image_files), as_list(label_files)
+        if len(images) != len(labels):
+            raise DataCheckError([f"image_files has {len(images)} files and label_files {len(labels)}: give one label per image, in the same order"])
+        items = [{"image": os.path.abspath(i), "label": os.path.abspath(l)} for i, l in zip(images, labels)]
+        origin = "image_files / label_files"
+    elif image_dir or label_dir:
+        if not (image_dir and label_dir):
+            raise DataCheckError(["evaluation of folders needs both image_dir (or input_dir) and label_dir"])
+        for folder, what in ((image_dir, "image_dir"), (label_dir, "label_dir")):
+            if not os.path.isdir(folder):
+                raise DataCheckError([f"{folder}: {what} is not a folder"])
+        same = os.path.abspath(image_dir) == os.path.abspath(label_dir)
+        label_map = nifti_files(Path(label_dir), "*.nii*")
+        image_map = nifti_files(Path(image_dir), pattern)
+        if same:  # one folder: the label files are not images
+            image_map = {k: v for k, v in image_map.items() if not (_base(k) != k and _base(k) in image_map)}
+        items, used = [], set()
+        for stem, path in image_map.items():
+            label = label_for(stem, label_map, same)
+            if label is None:
+                problems.append(f"{path}: no label for this image in {label_dir} (looked for {stem} and {stem} + {'/'.join(LABEL_SUFFIXES)})")
+            else:
+                used.add(label)
+                items.append({"image": str(path), "label": str(label)})
+        unused = [p for p in label_map.values() if p not in used and not (same and p in image_map.values())]
+        problems += [f"{p}: a label with no matching image in {image_dir}" for p in unused]
+        origin = f"{image_dir} + {label_dir}"
+    elif datalist:
+        items = load_datalist(datalist, section)
+        problems += [f"{datalist} section {section!r}: entry {e.get('id', e['image'])} has no label" for e in items if not e.get("label")]
+        origin = f"{datalist} section {section!r}"
+    else:
+        raise DataCheckError(["no evaluation input: set image_dir + label_dir, image_files + label_files, or datalist_file"])
+    if not items and not problems:
+        raise DataCheckError([f"{origin}: no image found"])
+    for item in items:
+        for key in ("image", "label"):
+            try:
+                check_image_file(item[key])
+            except DataCheckError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise DataCheckError(problems, source=origin)
+    return items
+
+
+def _base(stem: str) -> str:
+    """A label file's case name: its stem without a label suffix (``case_gt`` -> ``case``)."""
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem

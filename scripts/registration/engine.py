@@ -22,9 +22,14 @@ class PairSpec:
         return (self.fixed_id, self.moving_id)
 
 
+#: status of a pair whose volume could not be read: not a registration failure, retried on the next run
+INPUT_ERROR = "input_error"
+
+
 @dataclass
 class PairResult:
-    """Outcome of one pair: a transform, or ``status == "failed"`` with the ``reason``."""
+    """Outcome of one pair: a transform, or ``status == "failed"`` (the registration diverged, too little
+    overlap, ...) or ``status == INPUT_ERROR`` (a volume could not be read) with the ``reason``."""
 
     fixed_id: str
     moving_id: str

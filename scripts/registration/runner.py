@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
 import random
-import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.atomic_io import write_json
+from ..data.run_folders import lock_folder
 from ..data.datalist import load_datalist, read_datalist
 from .baseline import run_baseline
 from .brs import BestRegistrationSelector
@@ -38,6 +39,7 @@ from .engine import PairSpec, make_engine
 from .pairs import plan_pairs
 from .propagation import PropagateLabeld
 from .store import TransformStore, settings_key
+from ..worker_processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +88,9 @@ class RegistrationRunner:
         self.engine_name, self.engine_kwargs = engine, dict(engine_settings or {})
         self.engine = make_engine(engine, **self.engine_kwargs)
         self.settings = self.engine.settings()
-        # one folder per (engine settings, datalist): runs on different datalists never overwrite each other
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.datalist.stem) or "datalist"
-        self.output_dir = Path(output_root) / f"{settings_key(self.settings)}_{stem}"
+        # one folder per (engine settings, datalist content): runs on different datalists never overwrite
+        # each other, and the same volumes under another datalist file name reuse the same registrations
+        self.output_dir = Path(output_root) / f"{settings_key(self.settings)}_{datalist_key(self.datalist)}"
         self.batch_size = max(1, int(batch_size))
         self.reps_partners = reps_partners
         self.evaluation_sections = list(evaluation_sections or [])
@@ -101,6 +103,7 @@ class RegistrationRunner:
         self.progress = progress
         self.seed = int(seed)
         self.random_partner_datalist = bool(random_partner_datalist)
+        self.reused = False  # set by run(): True when an earlier run's outputs were complete
 
     # ------------------------------------------------------------------ data
     def _section(self, name: str) -> list[dict]:
@@ -125,6 +128,7 @@ class RegistrationRunner:
     # ------------------------------------------------------------------ registration
     def register(self, pairs: list[PairSpec] | None = None, max_batches: int | None = None) -> TransformStore:
         """Register the pending pairs batch by batch (each batch committed atomically)."""
+        lock_folder(self.output_dir, "registration")
         store = TransformStore(self.output_dir, self.settings)
         pairs = self.plan() if pairs is None else pairs
         done = store.done()
@@ -174,11 +178,34 @@ class RegistrationRunner:
         partners = [q["id"] for q in labeled]
         return {t["id"]: self.selector.rank(table, t["id"], t["image"], partners) for t in targets}
 
+    def completed_summary(self, pairs: list[PairSpec], with_baseline: bool) -> dict | None:
+        """The stored summary when an earlier run finished every one of ``pairs`` and wrote its outputs."""
+        outputs = ["summary.json", "rsl_datalist.json"] + (["rsl_datalist_random.json"] if self.random_partner_datalist else [])
+        if not all((self.output_dir / name).exists() for name in outputs):
+            return None
+        done = TransformStore(self.output_dir, self.settings).done()
+        if any(p.key not in done for p in pairs):
+            return None
+        try:
+            summary = json.loads((self.output_dir / "summary.json").read_text())
+        except ValueError:
+            return None
+        complete = summary.get("pairs") == len(pairs) and ("baseline" in summary) == with_baseline
+        return summary if complete else None
+
     def run(self) -> dict:
-        """The whole pipeline (see the module docstring); returns the summary it writes."""
+        """The whole pipeline (see the module docstring); returns the summary it writes.
+
+        A run whose pairs are all stored and whose outputs were written is not repeated: its summary
+        is returned as it is."""
         t0 = time.perf_counter()
         labeled, unlabeled, evaluation = self.entries()
         pairs = plan_pairs(labeled, unlabeled, evaluation, self.reps_partners, self.seed)
+        done = self.completed_summary(pairs, bool(evaluation))
+        self.reused = done is not None
+        if done is not None:
+            logger.info("registration: reusing %s (%d pairs, all done)", self.output_dir, len(pairs))
+            return done
         self.register(pairs)
         t_reg = time.perf_counter() - t0
         store = TransformStore(self.output_dir)
@@ -248,14 +275,22 @@ _WORKER_ENGINE = None
 
 
 def _init_worker(engine: str, settings: dict, threads: int) -> None:
-    """Process-pool initialiser: one engine (and volume cache) per worker process."""
+    """Process-pool initialiser: one engine (and volume cache) per worker process, which ends with its parent."""
     global _WORKER_ENGINE
+    exit_with_parent()
     torch.set_num_threads(int(threads))
     _WORKER_ENGINE = make_engine(engine, **settings)
 
 
 def _register_in_worker(batch: list[PairSpec]):
     return _WORKER_ENGINE.register_batch(batch)
+
+
+def datalist_key(datalist: str | os.PathLike) -> str:
+    """A short hash of what a datalist holds (its sections' entries with absolute paths), not its name."""
+    data = read_datalist(datalist)
+    sections = {s: data.get(s, []) for s in ("training", "unlabeled", "validation", "test")}
+    return hashlib.sha1(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def read_class_names(datalist: str | os.PathLike) -> dict[int, str]:

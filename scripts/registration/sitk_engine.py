@@ -20,7 +20,7 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from .engine import PairResult, PairSpec
+from .engine import INPUT_ERROR, PairResult, PairSpec
 from .geometry import sitk_image_affine, sitk_image_from_array, sitk_to_affine, slice_axis, spacing_of
 from .transform import PairTransform
 from .volumes import Volume, VolumeCache
@@ -154,6 +154,10 @@ class SitkRegistrationEngine:
         try:
             fixed_full = to_sitk_image(self.cache.full(pair.fixed_path))
             moving_full = to_sitk_image(self.cache.full(pair.moving_path))
+        except Exception as exc:  # an unreadable volume: an input error, retried on the next run
+            return PairResult(pair.fixed_id, pair.moving_id, None, INPUT_ERROR, f"load: {type(exc).__name__}: {exc}"[:500],
+                              float("nan"), time.perf_counter() - start)
+        try:
             mode = (
                 sitk.CenteredTransformInitializerFilter.MOMENTS
                 if self.init == "moments"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..data.atomic_io import atomic_path, write_json
-from .engine import PairResult
+from .engine import INPUT_ERROR, PairResult
 from .transform import PairTransform
 
 _BATCH = re.compile(r"^batch_(\d+)\.npz$")
@@ -82,9 +82,9 @@ class TransformTable:
         return PairTransform(self.matrices[n], f[0], f[1])
 
     def failures(self) -> list[dict]:
-        """``[{"fixed", "moving", "reason"}]`` for every failed pair."""
+        """``[{"fixed", "moving", "status", "reason"}]`` for every failed pair (``failed`` or ``input_error``)."""
         return [
-            {"fixed": f, "moving": m, "reason": r}
+            {"fixed": f, "moving": m, "status": s, "reason": r}
             for f, m, s, r in zip(self.fixed_ids, self.moving_ids, self.status, self.reason)
             if s != "ok"
         ]
@@ -230,8 +230,10 @@ class TransformStore:
         return TransformTable.merge(tables) if tables else TransformTable()
 
     def done(self) -> set[tuple[str, str]]:
-        """Keys of all finished pairs (succeeded or failed)."""
-        return set(self.load().keys())
+        """Keys of all finished pairs (succeeded, or failed to register); a pair whose volume could not be
+        read (``INPUT_ERROR``) is not finished: the next run registers it again."""
+        table = self.load()
+        return {k for k, s in zip(table.keys(), table.status) if s != INPUT_ERROR}
 
     def consolidate(self) -> TransformTable:
         """Fold all batches into ``transforms.npz`` (+ ``fields.h5``), then delete the batch files."""

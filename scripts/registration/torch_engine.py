@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 
-from .engine import PairResult, PairSpec
+from .engine import INPUT_ERROR, PairResult, PairSpec
 from .geometry import grid_moments, slice_axis
 from .similarity import masked_mutual_information, masked_ncc
 from .transform import PairTransform
@@ -403,7 +403,7 @@ class TorchRegistrationEngine:
             c_f, radius, c_m, normals = self._initial(pairs)
         except Exception as exc:  # a bad volume: fall back to one-by-one to isolate it
             if len(pairs) == 1:
-                return [PairResult(pairs[0].fixed_id, pairs[0].moving_id, None, "failed", f"load: {exc}")]
+                return [PairResult(pairs[0].fixed_id, pairs[0].moving_id, None, INPUT_ERROR, f"load: {exc}")]
             return [r for p in pairs for r in self.register_batch([p])]
         n, s = len(pairs), len(self.rotations)
         # multi-start: replicate every pair once per start rotation for the coarsest level

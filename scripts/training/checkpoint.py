@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,6 +27,7 @@ from ignite.handlers import Checkpoint
 from monai.transforms import Randomizable
 
 from scripts.data.atomic_io import atomic_path
+from scripts.user_errors import RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +103,16 @@ class BestModelSaver:
 
     Attach to the evaluator. ``metric_name`` defaults to the evaluator's key metric. The best value
     seen is part of this object's ``state_dict`` so that resuming does not overwrite a better model
-    with a worse one.
+    with a worse one. With ``model_config`` (the description of
+    :mod:`scripts.training.model_config`), ``model_config.json`` is written beside ``model.pt`` each
+    time, so that inference rebuilds exactly the network that was saved.
     """
 
-    def __init__(self, save_path: str, network: torch.nn.Module, metric_name: str | None = None, greater_is_better: bool = True):
+    def __init__(self, save_path: str, network: torch.nn.Module, metric_name: str | None = None, greater_is_better: bool = True,
+                 model_config: Mapping | None = None, model_config_path: str | None = None):
         self.save_path = str(save_path)
+        self.model_config = model_config
+        self.model_config_path = model_config_path or os.path.join(os.path.dirname(self.save_path), "model_config.json")
         self.network = network
         self.metric_name = metric_name
         self.greater_is_better = greater_is_better
@@ -135,6 +143,10 @@ class BestModelSaver:
                          name, value, int(engine.state.epoch), len(bad), bad[0])
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        if self.model_config is not None:
+            from scripts.training.model_config import write_model_config
+
+            write_model_config(self.model_config_path, self.model_config)
         save_atomic(net.state_dict(), self.save_path)
         logger.info("best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path)
 
@@ -154,20 +166,31 @@ class BestModelSaver:
 class TrainStateCheckpoint:
     """Save the full training state every ``interval`` epochs, and load it at start when resuming.
 
+    On SIGTERM or SIGINT (Ctrl-C) the run finishes the iteration in progress, saves the state at that
+    iteration (atomically, like every save), and stops with one line saying how to resume
+    (:class:`scripts.user_errors.RunStopped`, exit status 1); ``--resume true`` continues from that
+    iteration (ignite resumes inside the round). A second signal stops at once.
+
     Args:
         path: the checkpoint file (``models/train_state.pt``).
         save_dict: name -> object with ``state_dict``/``load_state_dict`` (networks, optimizers,
-            schedulers, a :class:`BestModelSaver`, an :class:`RNGState`, ...). The engine this
+            schedulers, a :class:`BestModelSaver`, an :class:`RNGState`, ...); ``None`` values (parts a
+            variant does not have, e.g. UA-MT's second optimizer) are left out. The engine this
             handler is attached to is added as ``"trainer"`` (its epoch and iteration).
         resume: load ``path`` when training starts, if it exists.
         interval: epochs between saves (one epoch = one validation interval in these configs).
     """
 
-    def __init__(self, path: str, save_dict: Mapping[str, object], resume: bool = False, interval: int = 1):
+    def __init__(self, path: str, save_dict: Mapping[str, object], resume: bool = False, interval: int = 1,
+                 stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
         self.path = str(path)
-        self.save_dict = dict(save_dict)
+        self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.resume = bool(resume)
         self.interval = int(interval)
+        self.stop_signals = tuple(stop_signals)
+        self._stop_requested: int | None = None
+        self._previous_handlers: dict[int, object] = {}
+        self._owner_pid = os.getpid()
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
@@ -175,6 +198,50 @@ class TrainStateCheckpoint:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        if self.stop_signals:
+            engine.add_event_handler(Events.STARTED, self._install_signal_handlers)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_requested)
+            engine.add_event_handler(Events.TERMINATE, self._stopped)
+            engine.add_event_handler(Events.COMPLETED, self._restore_signal_handlers)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self._restore_signal_handlers)
+
+    # -- stop on SIGTERM / SIGINT ----------------------------------------------------------------
+
+    def _install_signal_handlers(self, engine: Engine) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._owner_pid = os.getpid()
+        for name in self.stop_signals:
+            signum = getattr(signal, name)
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def _restore_signal_handlers(self, *_) -> None:
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers = {}
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested is not None or os.getpid() != self._owner_pid:  # a second signal, or a forked worker
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._stop_requested = signum
+        logger.warning("%s received: saving the training state after this iteration, then stopping "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def _stop_if_requested(self, engine: Engine) -> None:
+        if self._stop_requested is not None:
+            self.save(engine)
+            engine.terminate()
+
+    def _stopped(self, engine: Engine) -> None:
+        self._restore_signal_handlers()
+        if self._stop_requested is None:
+            return
+        name = signal.Signals(self._stop_requested).name
+        raise RunStopped(
+            f"training stopped by {name} at iteration {engine.state.iteration}; its state is saved in {self.path}. "
+            "Run the same command with --resume true to continue from there")
 
     def save(self, engine: Engine | None = None) -> None:
         state = {}

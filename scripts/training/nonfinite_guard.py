@@ -18,10 +18,12 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
+from scripts.user_errors import BundleInputError
+
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "batch_volume_ids"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(BundleInputError, RuntimeError):
     """The training loss became NaN or inf."""
 
 

@@ -1,0 +1,136 @@
+"""One output folder per run: ``eval/<kind>_<YYYYmmdd-HHMMSS>`` unless the user names one.
+
+Training, inference and evaluation each write into a folder of their own, so a second run never
+overwrites the first one's predictions, reports or pictures, and every run says where it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from scripts.user_errors import BundleInputError
+
+__all__ = ["OutputFolderError", "OutputsLog", "run_folder", "check_writable", "lock_folder"]
+
+logger = logging.getLogger(__name__)
+
+
+class OutputFolderError(BundleInputError):
+    """An output location that cannot be written."""
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it.
+
+    Raises:
+        OutputFolderError: naming the folder and why (a regular file in the way, no permission, ...).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputFolderError(f"{folder}: cannot write output there ({e.strerror or e})") from None
+    return folder
+
+
+def run_folder(root: str | os.PathLike, kind: str, folder: str | os.PathLike | None = None, name: str | None = None) -> str:
+    """The output folder of one run, created and checked writable.
+
+    Args:
+        root: where new run folders go (``eval/``).
+        kind: ``training``, ``inference``, ``evaluation``, ...
+        folder: an explicit folder (``--output_dir``): used as given.
+        name: a run name (``--run_name``): ``root/name``.
+
+    Without ``folder`` or ``name`` the folder is ``root/<kind>_<YYYYmmdd-HHMMSS>``, with ``-2``,
+    ``-3``... appended when a run started in the same second. Within one process the same
+    ``(root, kind)`` gets the same new folder every time (a bundle config may be parsed twice, e.g.
+    by ``--tracking``).
+    """
+    key = (os.path.abspath(root), kind)
+    if folder:
+        target = Path(folder)
+    elif name:
+        target = Path(root) / str(name)
+    elif key in _NEW_FOLDERS and Path(_NEW_FOLDERS[key]).is_dir():
+        return _NEW_FOLDERS[key]
+    else:
+        stem = f"{kind}_{time.strftime('%Y%m%d-%H%M%S')}"
+        target, n = Path(root) / stem, 1
+        while True:
+            try:
+                Path(root).mkdir(parents=True, exist_ok=True)
+                target.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                target = Path(root) / f"{stem}-{n}"
+            except OSError as e:
+                raise OutputFolderError(f"{root}: cannot create a run folder there ({e.strerror or e})") from None
+    check_writable(target)
+    if not (folder or name):
+        _NEW_FOLDERS[key] = str(target)
+    logger.info("%s output folder: %s", kind, target)
+    return str(target)
+
+
+_NEW_FOLDERS: dict[tuple[str, str], str] = {}
+
+
+class OutputsLog:
+    """Ignite handler: when the run completes, say where its outputs went (and how many cases)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "outputs") -> None:
+        self.folder, self.what = str(folder), what
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        cases = int(engine.state.iteration)
+        logger.info("%d case(s) done: %s written to %s", cases, self.what, os.path.abspath(self.folder))
+
+
+_LOCKS: dict[str, object] = {}
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "run") -> str:
+    """Hold an exclusive lock on ``folder`` for the rest of this process (``<folder>/.lock``).
+
+    A second run writing into the same folder (the same ``models/`` of two trainings, the same
+    registration folder) is refused at once, naming the process that holds it, instead of both
+    overwriting each other's files. The operating system releases the lock when the process ends,
+    however it ends (a killed run leaves no stale lock).
+
+    Raises:
+        OutputFolderError: another process holds the lock.
+    """
+    import fcntl
+
+    folder = check_writable(folder)
+    key = str(folder.resolve())
+    if key in _LOCKS:
+        return key
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputFolderError(
+            f"{folder}: another {what} ({holder}) is writing here; wait for it to finish, or give this run "
+            "another folder (--bundle_root / --ckpt_dir)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _LOCKS[key] = handle
+    return key

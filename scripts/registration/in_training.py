@@ -1,0 +1,133 @@
+"""Registration as the first step of ``run training``: the datalist the trainer reads, with registered labels.
+
+``configs/train.yaml`` declares a :class:`TrainingRegistration` and reads its :attr:`datalist` (the
+datalist training uses) and :attr:`registration_dir` (the transforms REPS reads). Which one applies:
+
+1. registration not needed (no RSL, no REPS, or no unlabeled volume): the input datalist, unchanged;
+2. ``registration_dir`` given (``--registration_dir``): that folder's ``rsl_datalist.json``, as
+   written by ``run registration`` (the two-step path);
+3. a datalist whose unlabeled entries already carry ``registered_label`` (e.g. ``--datalist_file
+   registration/<run>/rsl_datalist.json``): used as it is; its folder holds the transforms;
+4. otherwise the :class:`~scripts.registration.runner.RegistrationRunner` runs here, in
+   ``registration/<engine settings>_<datalist content hash>/``, with its progress bar. A finished
+   folder is reused as it is, a killed run resumes with the pairs it had stored, and a QC montage
+   (``qc_montage.png``) shows the registered labels over their targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from scripts.data.datalist import read_datalist
+from scripts.user_errors import BundleInputError
+
+__all__ = ["RegistrationSetupError", "TrainingRegistration"]
+
+logger = logging.getLogger(__name__)
+
+
+class RegistrationSetupError(BundleInputError):
+    """A registration folder or datalist that cannot serve the training run."""
+
+
+class TrainingRegistration:
+    """Resolve (and when needed compute) the registrations a training run uses.
+
+    Args:
+        datalist: the input datalist (JSON path).
+        output_root: where registration folders are created (``<bundle_root>/registration``).
+        rsl: registration supervision is on (needs registered labels).
+        reps: REPS is on (needs the transforms among training volumes).
+        registration_dir: an existing registration output folder to use instead of registering.
+        reps_partners: REPS partners per volume when registering here (``"all"`` or a number).
+        random_partner: use ``rsl_datalist_random.json`` (a random labeled partner, the no-BRS ablation).
+        runner_kwargs: the remaining :class:`~scripts.registration.runner.RegistrationRunner` arguments
+            (engine, engine_settings, brs, workers, num_threads, num_classes, evaluation_sections, ...).
+    """
+
+    def __init__(self, datalist: str | os.PathLike, output_root: str | os.PathLike, rsl: bool = True,
+                 reps: bool = False, registration_dir: str | os.PathLike | None = None,
+                 reps_partners: int | str | None = 4, random_partner: bool = False, montage: bool = True,
+                 **runner_kwargs) -> None:
+        self.source = str(datalist)
+        self.output_root = Path(output_root)
+        self.rsl, self.reps = bool(rsl), bool(reps)
+        self.given_dir = registration_dir
+        self.reps_partners = reps_partners if self.reps else None
+        self.random_partner = bool(random_partner)
+        self.montage = bool(montage)
+        self.runner_kwargs = runner_kwargs
+        self._resolved: tuple[str, str | None] | None = None
+
+    @property
+    def needed(self) -> bool:
+        return self.rsl or self.reps
+
+    @property
+    def datalist_name(self) -> str:
+        return "rsl_datalist_random.json" if self.random_partner else "rsl_datalist.json"
+
+    @property
+    def datalist(self) -> str:
+        """The datalist training reads (registering first when needed)."""
+        return self._resolve()[0]
+
+    @property
+    def registration_dir(self) -> str | None:
+        """The registration folder (transforms for REPS), or ``None`` when there is none."""
+        return self._resolve()[1]
+
+    def _resolve(self) -> tuple[str, str | None]:
+        if self._resolved is None:
+            self._resolved = self._choose()
+            logger.info("training datalist: %s%s", self._resolved[0],
+                        f" (registrations in {self._resolved[1]})" if self._resolved[1] else "")
+        return self._resolved
+
+    def _choose(self) -> tuple[str, str | None]:
+        if not self.needed:
+            return self.source, None
+        if self.given_dir:
+            folder = Path(self.given_dir)
+            datalist = folder / self.datalist_name
+            if not datalist.is_file():
+                raise RegistrationSetupError(
+                    f"{folder}: registration_dir has no {self.datalist_name}; give the output folder of "
+                    "'run registration', or leave registration_dir unset to register here")
+            self._check_transforms(folder)
+            return str(datalist), str(folder)
+        unlabeled = read_datalist(self.source).get("unlabeled", [])
+        if not unlabeled:  # nothing to register: the unlabeled half has no volume (the trainer says so)
+            return self.source, None
+        if all("registered_label" in e for e in unlabeled) and not self.random_partner:
+            folder = Path(self.source).resolve().parent
+            has_transforms = (folder / "transforms.npz").exists()
+            if self.reps and not has_transforms:
+                raise RegistrationSetupError(
+                    f"{self.source}: REPS needs the registration transforms, and {folder} has no transforms.npz; "
+                    "pass --registration_dir")
+            return self.source, str(folder) if has_transforms else None
+        return self._register()
+
+    def _check_transforms(self, folder: Path) -> None:
+        if self.reps and not (folder / "transforms.npz").exists():
+            raise RegistrationSetupError(f"{folder}: REPS needs transforms.npz there (registration not finished?)")
+
+    def _register(self) -> tuple[str, str]:
+        from scripts.registration.runner import RegistrationRunner
+
+        runner = RegistrationRunner(
+            self.source, self.output_root, reps_partners=self.reps_partners,
+            random_partner_datalist=self.random_partner, **self.runner_kwargs,
+        )
+        logger.info("registration before training: %s", runner.output_dir)
+        runner.run()
+        folder = runner.output_dir
+        montage = folder / ("qc_montage_random.png" if self.random_partner else "qc_montage.png")
+        if self.montage and not (runner.reused and montage.exists()):
+            from scripts.registration.qc_montage import write_qc_montage
+
+            write_qc_montage(folder / self.datalist_name, montage)
+        return str(folder / self.datalist_name), str(folder)
