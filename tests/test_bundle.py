@@ -253,3 +253,20 @@ def test_inference_refuses_another_patch_size(tmp_path, trained):
     proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
                   "--patch_size", "[64,64]", "--output_dir", str(tmp_path / "out"))
     assert proc.returncode != 0 and "trained at" in proc.stderr
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, trained):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+                  "--output_dir", str(blocker / "predictions"))
+    assert proc.returncode != 0 and "cannot write output there" in proc.stderr and str(blocker) in proc.stderr
+    assert "Traceback" not in proc.stderr and "Loading" not in proc.stdout  # nothing was loaded or segmented
+
+
+def test_datalist_tool_user_mistakes_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scripts.data.datalist", "folder", "--images", str(tmp_path / "nope"),
+                           "--labels", str(tmp_path), "--out", str(tmp_path / "x.json")], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: image folder {tmp_path / 'nope'} is not a folder"
