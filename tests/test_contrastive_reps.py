@@ -132,3 +132,25 @@ def test_map_to_partners_equals_mapping_to_every_volume_on_registered_pairs():
     assert torch.equal(z, z_all[rows, targets]) and torch.allclose(uv_j, uv_all[rows, targets])
     assert torch.equal(ok, ok_all[rows, targets])
     assert not ok_all[~corr.available[volume]].any()  # unregistered pairs are never usable
+
+
+def test_reps_refuses_a_registration_folder_without_training_pairs(tmp_path):
+    """REPS on registrations that link no two training volumes would silently be SCL: refused, with what to do."""
+    import numpy as np
+
+    from scripts.data.phantom import ensure_phantom_dataset
+    from scripts.registration.engine import PairResult
+    from scripts.registration.in_training import RegistrationSetupError
+    from scripts.registration.store import TransformStore
+    from scripts.registration.transform import PairTransform
+    from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
+
+    datalist = ensure_phantom_dataset(tmp_path / "ph", n_labeled=1, n_unlabeled=1, n_validation=1, n_test=0, seed=2)
+    store = TransformStore(tmp_path / "reg", settings={"engine": "test"})
+    store.commit([PairResult("phantom_000", "phantom_002", PairTransform(np.eye(4)))])  # labeled <-> validation only
+    store.consolidate()
+    with pytest.raises(RegistrationSetupError, match="reps_partners"):
+        RegisteredCorrespondence.from_datalist(datalist, tmp_path / "reg")
+    store.commit([PairResult("phantom_001", "phantom_000", PairTransform(np.eye(4)))])  # unlabeled <-> labeled
+    store.consolidate()
+    assert len(RegisteredCorrespondence.from_datalist(datalist, tmp_path / "reg")) == 2

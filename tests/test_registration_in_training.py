@@ -135,3 +135,14 @@ def test_reps_refuses_registered_labels_without_transforms(tmp_path, datalist):
     hand_made.write_text(json.dumps(data))
     with pytest.raises(RegistrationSetupError, match="transforms.npz"):
         _ = _stage(str(hand_made), tmp_path / "registration", reps=True).datalist
+
+
+def test_registration_leaves_the_training_thread_count_alone(tmp_path, datalist):
+    """Registering in this process with 1 thread per pair must not leave training single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _ = _stage(datalist, tmp_path / "registration", num_threads=1).datalist
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

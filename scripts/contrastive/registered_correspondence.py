@@ -11,6 +11,7 @@ Only the affine part of stored transforms is used (deformable fields are ignored
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -23,6 +24,8 @@ from scripts.registration.geometry import check_affine, slice_axis
 from scripts.registration.store import TransformStore
 
 __all__ = ["RegisteredCorrespondence"]
+
+logger = logging.getLogger(__name__)
 
 
 class RegisteredCorrespondence:
@@ -160,7 +163,18 @@ class RegisteredCorrespondence:
         if not os.path.isdir(registration_dir):
             raise FileNotFoundError(f"REPS registration folder {registration_dir} does not exist (run the registration step first)")
         table = TransformStore(registration_dir).load()
+        known = set(ids)
         transforms = {
-            (f, m): table.matrices[n] for n, (f, m, s) in enumerate(zip(table.fixed_ids, table.moving_ids, table.status)) if s == "ok"
+            (f, m): table.matrices[n] for n, (f, m, s) in enumerate(zip(table.fixed_ids, table.moving_ids, table.status))
+            if s == "ok" and f in known and m in known
         }
+        if not transforms:
+            from scripts.registration.in_training import RegistrationSetupError
+
+            raise RegistrationSetupError(
+                f"REPS: {registration_dir} holds no registration between the training volumes of {datalist}, so no anchor "
+                "would find a registered positive (REPS would silently be SCL). Let training register (no --registration_dir), "
+                "or rerun 'run registration' with --reps_partners 2")
+        with_partner = {v for pair in transforms for v in pair}
+        logger.info("REPS: %d of %d training volumes have registered partners (%d transforms)", len(with_partner), len(ids), len(transforms))
         return cls(ids, affines, shapes, transforms)

@@ -133,7 +133,8 @@ class RegistrationRunner:
         pairs = self.plan() if pairs is None else pairs
         done = store.done()
         pending = [p for p in pairs if p.key not in done]
-        if self.num_threads:
+        threads = torch.get_num_threads()  # restored below: training may follow in this process
+        if self.num_threads and self.workers <= 1:
             torch.set_num_threads(int(self.num_threads))
         bar = tqdm(total=len(pairs), initial=len(pairs) - len(pending), desc="registration", unit="pair",
                    disable=not self.progress)
@@ -156,6 +157,7 @@ class RegistrationRunner:
                     commit(self.engine.register_batch(batch))
         finally:
             bar.close()
+            torch.set_num_threads(threads)
         return store
 
     def _register_parallel(self, batches: list[list[PairSpec]], commit) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["for_trainer", "loss_and_terms"]
+__all__ = ["for_trainer", "loss_and_terms", "train_loss"]
 
 
 def loss_and_terms(output) -> dict[str, float] | float:
@@ -26,6 +26,12 @@ def loss_and_terms(output) -> dict[str, float] | float:
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
         return float(torch.as_tensor(output[0]["loss"]))
     return output
+
+
+def train_loss(output) -> float:
+    """The iteration's loss as a float, from either trainer's engine output (for stats and TensorBoard)."""
+    scalars = loss_and_terms(output)
+    return scalars["train_loss"] if isinstance(scalars, dict) else float(scalars)
 
 
 def for_trainer(handlers: Iterable) -> list:
