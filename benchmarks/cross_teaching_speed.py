@@ -100,7 +100,8 @@ def _parser(files: list[str], datalist: str, patch: int, batch: int, iterations:
 def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
     from ignite.engine import Events
 
-    files = ["train.yaml"] + (["variants/cct_r.yaml"] if case == "cct-r" else [])
+    # "cct-r": cross teaching + RSL (no contrastive term), as measured for bundle 0.2; otherwise the LS U-Net
+    files = ["train.yaml", "variants/no_contrastive.yaml" if case == "cct-r" else "variants/ls.yaml"]
     parser = _parser(files, datalist, patch, batch, warmup + iterations, feature_size)
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
@@ -136,9 +137,11 @@ def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, 
 def _run_pass(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
     import torch
 
-    parser = _parser(["train.yaml", "variants/cct_r.yaml"], datalist, patch, batch, warmup + iterations, feature_size)
+    parser = _parser(["train.yaml", "variants/no_contrastive.yaml"], datalist, patch, batch, warmup + iterations, feature_size)
     parser.get_parsed_content("initialize")
-    net = parser.get_parsed_content("net_a_def" if case == "unet_pass" else "net_b_def")
+    from scripts.training.model_config import build
+
+    net = build(parser.get_parsed_content("net_a_spec" if case == "unet_pass" else "net_b_spec"))
     loss_fn = parser.get_parsed_content("loss")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)

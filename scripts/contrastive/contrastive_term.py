@@ -125,7 +125,7 @@ class ContrastiveTerm(nn.Module):
         if ids is None or slices is None or coords is None:
             raise ValueError(
                 "REPS needs volume ids, slice indices and slice coordinate maps in every batch: use "
-                "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd (configs/variants/reps.yaml)"
+                "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd (configs/train.yaml with use_reps: true)"
             )
         if len(ids) != size:
             raise ValueError(f"REPS: {len(ids)} ids for a batch of {size}")
