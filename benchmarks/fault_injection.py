@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0",
         "--swin_feature_size", "12", "--cl_num_anchors", "50", "--cl_num_negatives", "50",
         "--registration_torch_settings#iterations", "[30,20]", "--registration_torch_settings#num_points", "512"]
-ITERATIONS = 40
+ITERATIONS = 120
 
 
 def bundle_cmd(*args: str) -> list[str]:
@@ -92,7 +92,7 @@ def trial(stage: str, work: Path, datalist: str, delay: float, signum: int, log:
     run.mkdir(parents=True)
     if stage == "training":
         base = ["run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(run), "--datalist_file", datalist,
-                "--num_iterations", str(ITERATIONS), "--val_interval", "10", *FAST]
+                "--num_iterations", str(ITERATIONS), "--val_interval", "30", *FAST]
         first = bundle_cmd(*base)
         again = bundle_cmd(*base, "--resume", "true")
     elif stage == "registration":
@@ -148,7 +148,7 @@ def main() -> None:
     log = work / "log.txt"
     assert run_to_end(bundle_cmd("run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(work / "trained"),
                                  "--datalist_file", datalist, "--num_iterations", "4", "--val_interval", "2", *FAST), log) == 0
-    windows = {"training": (4.0, 45.0), "registration": (3.0, 12.0), "evaluation": (3.0, 9.0)}
+    windows = {"training": (6.0, 40.0), "registration": (4.0, 12.0), "evaluation": (4.0, 9.0)}
     results = []
     for stage, (lo, hi) in windows.items():
         for k in range(args.kills):
@@ -160,7 +160,7 @@ def main() -> None:
         "# Fault injection",
         "",
         f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}` on a tiny phantom (2 labeled, 3 unlabeled,",
-        f"1 validation volume; training {ITERATIONS} iterations at patch 32, validation every 10). Each row: the stage was",
+        f"1 validation volume; training {ITERATIONS} iterations at patch 32, validation every 30). Each row: the stage was",
         "started, sent the signal after the delay (if still running), its output files were checked (every NIfTI, torch,",
         "JSON, NPZ, CSV and PNG under its final name must load), then the command was rerun (training with `--resume true`)",
         "to the end and checked again.",

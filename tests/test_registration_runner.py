@@ -92,3 +92,25 @@ def test_run_registration_checks_its_inputs_first(tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "missing.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "registration").exists()
+
+
+def test_ct_label_mapping_reaches_registration_and_training(tmp_path):
+    """Synapse: raw label values (up to 13) are propagated and voted over all their values, and training
+    maps every label key to the 8 organs, with deformable registration on."""
+    mapping = {"orig": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], "target": [0, 1, 2, 3, 4, 0, 0, 5, 0, 0, 0, 6, 7, 8]}
+    datalist = tmp_path / "synapse.json"
+    datalist.write_text(json.dumps({"label_mapping": mapping, "training": [], "validation": []}))
+    reg = ConfigParser()
+    reg.read_config([str(REPO / "configs" / "registration.yaml"), str(REPO / "configs" / "datasets" / "synapse.yaml")])
+    reg["datalist_file"] = str(datalist)
+    assert reg.get_parsed_content("registration_runner#num_classes") is None  # max raw value + 1, not 9
+    train = ConfigParser()
+    train.read_config([str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "datasets" / "synapse.yaml")])
+    train["datalist_file"] = str(datalist)
+    assert train.get_parsed_content("registration_stage#num_classes") is None
+    assert train.get_parsed_content("registration_torch_settings#deformable") is True
+    transform = train.get_parsed_content("label_transform")
+    raw = {k: torch.tensor([[[[11.0, 6.0, 13.0]]]]) for k in ("label", "registered_label")}
+    out = transform(raw)
+    assert out["label"].flatten().tolist() == out["registered_label"].flatten().tolist() == [6.0, 0.0, 8.0]
+    assert train.get_parsed_content("model_config#label_mapping") == mapping
