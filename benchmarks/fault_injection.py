@@ -156,6 +156,7 @@ def main() -> None:
             results.append(trial(stage, work, datalist, rng.uniform(lo, hi), signum, log))
             print(json.dumps(results[-1]), flush=True)
     survived = sum(r["survived"] for r in results)
+    landed = [r for r in results if r["killed"]]
     lines = [
         "# Fault injection",
         "",
@@ -165,7 +166,9 @@ def main() -> None:
         "JSON, NPZ, CSV and PNG under its final name must load), then the command was rerun (training with `--resume true`)",
         "to the end and checked again.",
         "",
-        f"**{survived} of {len(results)} kills survived.**",
+        f"**{sum(r['survived'] for r in landed)} of {len(landed)} kills that landed mid-run were survived**; "
+        f"{len(results) - len(landed)} more runs had finished before their signal (checked and rerun all the same); "
+        f"{survived} of {len(results)} rows survived in all.",
         "",
         "| stage | signal | after (s) | killed mid-run | corrupt files after the kill | temporary files left | rerun | result |",
         "|---|---|---:|---|---|---:|---|---|",

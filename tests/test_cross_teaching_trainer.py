@@ -106,3 +106,29 @@ def test_invalid_configurations_are_refused():
     trainer = CrossTeachingTrainer(**common, consistency="cross_teaching", optimizer_b=_sgd(net_b), rsl_weight=1.0)
     with pytest.raises(ValueError, match="registered_label"):
         trainer.run()
+
+
+def test_ssl4mis_unet_recipe():
+    """BatchNorm, LeakyReLU, per-level encoder dropout 0.05-0.5, features 16-256; any input size; taps for SCL."""
+    from scripts.contrastive.feature_taps import FeatureTap, feature_channels
+    from scripts.training.networks import SSL4MISUNet
+
+    net = SSL4MISUNet(1, 4)
+    rates = [m.p for m in net.in_conv.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.p for block in net.down for m in block.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert not [m for m in net.up1.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]  # no decoder dropout
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())
+    assert not any(isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.ConvTranspose2d)) for m in net.modules())
+    x = torch.rand(2, 1, 40, 56)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 4, 40, 56)
+        torch.testing.assert_close(net(x), net(x))  # no dropout at inference
+    net.train()
+    assert not torch.equal(net(x), net(x))  # dropout while training
+    assert feature_channels(net) == {"full": 16, "coarse": 128}
+    tap = FeatureTap(net)
+    net(torch.rand(2, 1, 64, 64))
+    assert tap.features()["coarse"].shape[-2:] == (8, 8) and tap.features()["full"].shape[-2:] == (64, 64)

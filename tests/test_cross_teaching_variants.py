@@ -138,6 +138,7 @@ REGISTRATION_FAST = ["--registration_workers", "0", "--registration_torch_settin
         (["variants/no_reps.yaml"], "cct_r_no_reps", False),
         (["variants/no_brs.yaml"], "cct_r_no_brs", True),
         (["variants/mcsc.yaml"], "mcsc", False),
+        (["variants/ssl4mis_unet.yaml"], "cct_r", False),   # the papers' U-Net as network A
     ],
 )
 def test_registration_variants_train_from_a_plain_datalist(tmp_path, data, overlay, variant, random_partner):

@@ -9,6 +9,8 @@ Tapped layers (:data:`DEFAULT_LAYERS`):
 
 * ``BasicUNet``: ``upcat_1`` (full resolution, ``features[5]`` channels) and ``upcat_4`` (1/8,
   ``features[3]`` channels);
+* :class:`scripts.training.networks.SSL4MISUNet`: ``up4`` (full, ``features[0]``) and ``up1`` (1/8,
+  ``features[3]``);
 * ``SwinUNETR`` / :class:`scripts.training.networks.SwinUNETR2D`: ``decoder1`` (full, ``feature_size``) and
   ``decoder4`` (1/8, ``4 * feature_size``). ``SwinUNETR2D`` pads its input to a multiple of 32; the
   tapped maps are cropped back to the input's extent (exactly: the padding is a multiple of the
@@ -25,7 +27,7 @@ from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
 from scripts.training.mean_teacher import unwrap
-from scripts.training.networks import SwinUNETR2D
+from scripts.training.networks import SSL4MISUNet, SwinUNETR2D
 
 __all__ = ["SCALES", "DEFAULT_LAYERS", "FeatureTapError", "FeatureTap", "feature_channels"]
 
@@ -35,6 +37,7 @@ SCALES = {"full": 1, "coarse": 8}
 #: Network class -> {scale: name of the submodule whose output is tapped}.
 DEFAULT_LAYERS: dict[type, dict[str, str]] = {
     BasicUNet: {"full": "upcat_1", "coarse": "upcat_4"},
+    SSL4MISUNet: {"full": "up4", "coarse": "up1"},
     SwinUNETR: {"full": "decoder1", "coarse": "decoder4"},
 }
 

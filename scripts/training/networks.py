@@ -3,6 +3,10 @@
 * :class:`SwinUNETR2D` — MONAI's ``SwinUNETR(spatial_dims=2)``, whose input sides must be multiples
   of 32; this subclass pads a slice up to the next multiple and crops the logits back, so it takes
   any patch size. Its ``state_dict`` is that of ``SwinUNETR``.
+* :class:`SSL4MISUNet` — the 2D U-Net of the SSL4MIS code that CTS, MCSC and CCT-R build on:
+  BatchNorm, LeakyReLU, encoder dropout 0.05 / 0.1 / 0.2 / 0.3 / 0.5, features 16-256, bilinear
+  upsampling after a 1x1 convolution, built from MONAI's ``Convolution`` blocks
+  (``configs/variants/ssl4mis_unet.yaml`` uses it as network A).
 * :class:`EnsembleNet` — the inference network of CTS / CCT-R / CPS: the mean of the logits of the
   two students (``branch="mean"``), or one student alone (``"a"``: the CNN, ``"b"``: the
   Transformer), as the paper reports all three. Its ``state_dict`` holds both students
@@ -11,12 +15,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
-__all__ = ["SwinUNETR2D", "EnsembleNet", "BRANCHES"]
+__all__ = ["SwinUNETR2D", "SSL4MISUNet", "EnsembleNet", "BRANCHES"]
 
 #: ``EnsembleNet`` outputs: the mean of both students' logits, or one student's.
 BRANCHES = ("mean", "a", "b")
@@ -57,6 +64,65 @@ class SwinUNETR2D(SwinUNETR):
         top, left = pad_h // 2, pad_w // 2
         padded = F.pad(x_in, (left, pad_w - left, top, pad_h - top))
         return super().forward(padded)[..., top : top + h, left : left + w]
+
+
+def _conv_block(in_ch: int, out_ch: int, dropout: float, act) -> nn.Sequential:
+    """conv3x3 - BN - LeakyReLU - dropout - conv3x3 - BN - LeakyReLU (SSL4MIS ``ConvBlock``)."""
+    first = Convolution(2, in_ch, out_ch, kernel_size=3, act=act, norm="batch", dropout=dropout or None, adn_ordering="NAD")
+    return nn.Sequential(first, Convolution(2, out_ch, out_ch, kernel_size=3, act=act, norm="batch", adn_ordering="NA"))
+
+
+class _UpBlock(nn.Module):
+    """1x1 conv (deep channels to skip channels), bilinear x2 upsampling, concatenation, conv block."""
+
+    def __init__(self, deep_ch: int, skip_ch: int, out_ch: int, act) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(deep_ch, skip_ch, kernel_size=1)
+        self.conv = _conv_block(2 * skip_ch, out_ch, 0.0, act)
+
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.reduce(deep), size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        return self.conv(torch.cat([skip, up], dim=1))
+
+
+class SSL4MISUNet(nn.Module):
+    """The SSL4MIS 2D U-Net (the CNN of the CTS / MCSC / CCT-R papers).
+
+    Args:
+        in_channels, out_channels: image channels and classes.
+        features: channels of the five encoder levels.
+        dropout: dropout of each encoder level (after the first convolution of its block).
+        negative_slope: of the LeakyReLU.
+
+    Inputs of any size: the decoder upsamples to each skip connection's size (the papers' sizes are
+    multiples of 16). Decoder blocks ``up1`` (1/8) ... ``up4`` (full resolution) are what the
+    contrastive terms tap.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 4, features: Sequence[int] = (16, 32, 64, 128, 256),
+                 dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5), negative_slope: float = 0.01) -> None:
+        super().__init__()
+        f, p = list(features), list(dropout)
+        if len(f) != 5 or len(p) != 5:
+            raise ValueError(f"SSL4MISUNet needs 5 features and 5 dropout rates, got {f} and {p}")
+        act = ("leakyrelu", {"negative_slope": float(negative_slope), "inplace": False})
+        self.in_conv = _conv_block(in_channels, f[0], p[0], act)
+        self.down = nn.ModuleList([_conv_block(f[i], f[i + 1], p[i + 1], act) for i in range(4)])
+        self.up1 = _UpBlock(f[4], f[3], f[3], act)
+        self.up2 = _UpBlock(f[3], f[2], f[2], act)
+        self.up3 = _UpBlock(f[2], f[1], f[1], act)
+        self.up4 = _UpBlock(f[1], f[0], f[0], act)
+        self.out_conv = nn.Conv2d(f[0], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.in_conv(x)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2)))
+        y = self.up1(skips[4], skips[3])
+        y = self.up2(y, skips[2])
+        y = self.up3(y, skips[1])
+        y = self.up4(y, skips[0])
+        return self.out_conv(y)
 
 
 def _branch(branch: str) -> str:
