@@ -80,3 +80,32 @@ def test_label_resized_with_its_image_stays_aligned(mode, aligned):
         shifts.append(centroid(out["image"]) - centroid(out["label"]))
     shift = torch.stack(shifts).mean(0).abs().max().item()
     assert (shift < 0.1) == aligned, shift
+
+
+def test_random_crop_keeps_image_label_and_coordinates_together(datalist):
+    """crop_min_scale < 1: patches still have the patch size and stay aligned, and the REPS coordinate maps
+    show that only part of the slice was kept (the patch-to-slice frame follows the crop)."""
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.yaml"))
+    parser["datalist_file"] = str(datalist)
+    parser["patch_size"] = [48, 48]
+    parser["crop_min_scale"] = 0.5
+    transform = parser.get_parsed_content("train#preprocessing")
+    transform.set_random_state(0)
+    item = parser.get_parsed_content("train#datalist")[0]
+    spans = []
+    for _ in range(20):
+        out = transform(dict(item))
+        assert out["image"].shape == out["label"].shape == (1, 48, 48)
+        assert (torch.round(out["image"] * 3) == out["label"]).float().mean().item() > 0.9
+        coords = torch.as_tensor(out["slice_coords"])
+        spans.append(float(coords[0].max() - coords[0].min()))
+    assert min(spans) < 0.8 * max(spans)  # crops of different sizes were taken
+
+
+def test_no_crop_by_default(datalist):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.yaml"))
+    parser["datalist_file"] = str(datalist)
+    assert parser.get_parsed_content("crop_min_scale") is None
+    assert not any(type(t).__name__ == "RandScaleCropd" for t in parser.get_parsed_content("train#slice_transforms"))
