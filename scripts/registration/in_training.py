@@ -103,17 +103,16 @@ class TrainingRegistration:
             return self.source, None
         if all("registered_label" in e for e in unlabeled) and not self.random_partner:
             folder = Path(self.source).resolve().parent
-            has_transforms = (folder / "transforms.npz").exists()
-            if self.reps and not has_transforms:
-                raise RegistrationSetupError(
-                    f"{self.source}: REPS needs the registration transforms, and {folder} has no transforms.npz; "
-                    "pass --registration_dir")
-            return self.source, str(folder) if has_transforms else None
+            self._check_transforms(folder)
+            return self.source, str(folder) if (folder / "transforms.npz").exists() else None
         return self._register()
 
     def _check_transforms(self, folder: Path) -> None:
+        """REPS reads the transforms of the registration folder (``transforms.npz``)."""
         if self.reps and not (folder / "transforms.npz").exists():
-            raise RegistrationSetupError(f"{folder}: REPS needs transforms.npz there (registration not finished?)")
+            raise RegistrationSetupError(
+                f"{folder}: REPS needs the registration transforms (transforms.npz) there; pass the folder of a finished "
+                "'run registration' as --registration_dir, or a datalist without registered labels to register here")
 
     def _register(self) -> tuple[str, str]:
         from scripts.registration.runner import RegistrationRunner
