@@ -123,3 +123,23 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_one_leaves_no
     holder.kill()
     holder.wait(timeout=30)
     assert lock_folder(tmp_path, "training run")  # the lock died with its process
+
+
+def test_handlers_never_swallow_a_training_error(tmp_path):
+    """The bundle's handlers that clean up on EXCEPTION_RAISED re-raise: ignite itself re-raises only when no
+    such handler exists, so without that an error would end training silently (e.g. off the main process,
+    where the stats handler is disabled)."""
+    from ignite.engine import Engine
+
+    from scripts.training.checkpoint import TrainStateCheckpoint
+    from scripts.training.progress import RunProgress
+
+    def step(engine, batch):
+        raise ValueError("boom")
+
+    for handler in (TrainStateCheckpoint(str(tmp_path / "state.pt"), {}),
+                    RunProgress(4, Engine(lambda e, b: None), None, 2, ["background", "a"], progress=False)):
+        engine = Engine(step)
+        handler.attach(engine)
+        with pytest.raises(ValueError, match="boom"):
+            engine.run([0, 1], max_epochs=1)

@@ -203,7 +203,7 @@ class TrainStateCheckpoint:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_requested)
             engine.add_event_handler(Events.TERMINATE, self._stopped)
             engine.add_event_handler(Events.COMPLETED, self._restore_signal_handlers)
-            engine.add_event_handler(Events.EXCEPTION_RAISED, self._restore_signal_handlers)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
 
     # -- stop on SIGTERM / SIGINT ----------------------------------------------------------------
 
@@ -219,6 +219,11 @@ class TrainStateCheckpoint:
         for signum, previous in self._previous_handlers.items():
             signal.signal(signum, previous)
         self._previous_handlers = {}
+
+    def _failed(self, engine: Engine, error: BaseException) -> None:
+        # ignite re-raises an exception only when no EXCEPTION_RAISED handler exists: re-raise it here
+        self._restore_signal_handlers()
+        raise error
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested is not None or os.getpid() != self._owner_pid:  # a second signal, or a forked worker

@@ -74,7 +74,7 @@ class RunProgress:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.validated)
         engine.add_event_handler(Events.COMPLETED, self.completed)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
         engine.add_event_handler(Events.TERMINATE, self.close)
 
     def started(self, engine: Engine) -> None:
@@ -114,6 +114,11 @@ class RunProgress:
         if best is not None:
             logger.info("training finished at iteration %d: best %.4f at iteration %s, model in %s",
                         engine.state.iteration, best, self.best_iteration(), self.best_model.save_path)
+
+    def _failed(self, engine: Engine, error: BaseException) -> None:
+        # ignite re-raises an exception only when no EXCEPTION_RAISED handler exists: re-raise it here
+        self.close()
+        raise error
 
     def close(self, *_) -> None:
         if self._bar is not None:
