@@ -52,3 +52,22 @@ def test_rejects_non_volume_input():
         SliceResizeInferer(patch_size=(8, 8))(torch.rand(1, 1, 8, 8), lambda t: t)
     with pytest.raises(ValueError, match="2D"):
         SliceResizeInferer(patch_size=(8, 8, 8))
+
+
+def test_evaluation_inputs_pair_images_and_labels_in_one_folder(tmp_path):
+    """One folder with case.nii.gz and case_gt.nii.gz: each image gets its label, the labels are not cases,
+    and an image without a label is named."""
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from scripts.data.data_checks import DataCheckError
+    from scripts.inference.inference_inputs import collect_labeled_inputs
+
+    for name in ("a", "a_gt", "b", "b_seg"):
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.float32 if "_" not in name else np.uint8), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    items = collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))
+    assert [(p["image"].split("/")[-1], p["label"].split("/")[-1]) for p in items] == [("a.nii.gz", "a_gt.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
+    with pytest.raises(DataCheckError, match="c.nii.gz: no label for this image"):
+        collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))

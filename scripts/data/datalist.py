@@ -469,6 +469,25 @@ def label_for(stem: str, label_files: Mapping[str, Path], same_folder: bool) -> 
     return None
 
 
+def match_labels(image_dir: Path, label_dir: Path, pattern: str = "*.nii*") -> tuple[dict[str, Path], dict[str, Path | None], dict[str, Path]]:
+    """Pair the images of ``image_dir`` with their labels in ``label_dir`` by name.
+
+    Returns ``(images, label_of, labels)``: ``{case: image}`` (files matching ``pattern``; when both
+    folders are one, the label files next to their images are not cases), ``{case: label or None}``
+    (``case`` itself in another folder, else ``case`` + one of :data:`LABEL_SUFFIXES`) and every
+    NIfTI file of ``label_dir`` (``{stem: path}``)."""
+    same_folder = Path(label_dir).resolve() == Path(image_dir).resolve()
+    image_files = nifti_files(Path(image_dir), pattern)
+    label_files = nifti_files(Path(label_dir), "*.nii*")
+    if same_folder:  # label files next to the images are not cases
+        image_files = {
+            s: p
+            for s, p in image_files.items()
+            if not any(s.endswith(x) and s[: -len(x)] in image_files for x in LABEL_SUFFIXES)
+        }
+    return image_files, {c: label_for(c, label_files, same_folder) for c in image_files}, label_files
+
+
 def _read_ids(spec: Any, what: str) -> list[str] | int:
     """``labeled`` / ``validation`` / ``test`` argument -> a count or a list of case ids."""
     if isinstance(spec, bool):
@@ -538,20 +557,10 @@ def build_folder(
     label_dir = Path(labels) if labels is not None else image_dir
     if not label_dir.is_dir():
         raise DatalistNotFoundError(f"label folder {label_dir} is not a folder")
-    same_folder = label_dir.resolve() == image_dir.resolve()
-
-    image_files = nifti_files(image_dir, pattern)
-    label_files = nifti_files(label_dir, "*.nii*")
-    if same_folder:  # label files next to the images are not cases
-        image_files = {
-            s: p
-            for s, p in image_files.items()
-            if not any(s.endswith(x) and s[: -len(x)] in image_files for x in LABEL_SUFFIXES)
-        }
+    image_files, case_label, _ = match_labels(image_dir, label_dir, pattern)
     if not image_files:
         raise DatalistError(f"no NIfTI image matching {pattern!r} in {image_dir}")
     case_ids = sorted(image_files)
-    case_label = {c: label_for(c, label_files, same_folder) for c in case_ids}
     with_label = [c for c in case_ids if case_label[c] is not None]
 
     def check_ids(ids: list[str], what: str, need_label: bool) -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from scripts.data.data_checks import DataCheckError, check_image_file
 from pathlib import Path
 
-from scripts.data.datalist import LABEL_SUFFIXES, label_for, load_datalist, nifti_files
+from scripts.data.datalist import LABEL_SUFFIXES, load_datalist, match_labels
 
 
 def collect_inputs(
@@ -98,20 +98,15 @@ def collect_labeled_inputs(
         for folder, what in ((image_dir, "image_dir"), (label_dir, "label_dir")):
             if not os.path.isdir(folder):
                 raise DataCheckError([f"{folder}: {what} is not a folder"])
-        same = os.path.abspath(image_dir) == os.path.abspath(label_dir)
-        label_map = nifti_files(Path(label_dir), "*.nii*")
-        image_map = nifti_files(Path(image_dir), pattern)
-        if same:  # one folder: the label files are not images
-            image_map = {k: v for k, v in image_map.items() if not (_base(k) != k and _base(k) in image_map)}
-        items, used = [], set()
+        image_map, label_of, label_map = match_labels(Path(image_dir), Path(label_dir), pattern)
+        items = []
         for stem, path in image_map.items():
-            label = label_for(stem, label_map, same)
-            if label is None:
+            if label_of[stem] is None:
                 problems.append(f"{path}: no label for this image in {label_dir} (looked for {stem} and {stem} + {'/'.join(LABEL_SUFFIXES)})")
             else:
-                used.add(label)
-                items.append({"image": str(path), "label": str(label)})
-        unused = [p for p in label_map.values() if p not in used and not (same and p in image_map.values())]
+                items.append({"image": str(path), "label": str(label_of[stem])})
+        used = set(label_of.values()) | set(image_map.values())  # in one folder the images are there too
+        unused = [p for p in label_map.values() if p not in used]
         problems += [f"{p}: a label with no matching image in {image_dir}" for p in unused]
         origin = f"{image_dir} + {label_dir}"
     elif datalist:
@@ -132,10 +127,3 @@ def collect_labeled_inputs(
         raise DataCheckError(problems, source=origin)
     return items
 
-
-def _base(stem: str) -> str:
-    """A label file's case name: its stem without a label suffix (``case_gt`` -> ``case``)."""
-    for suffix in LABEL_SUFFIXES:
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem

@@ -20,9 +20,10 @@ import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-import torch
 from ignite.engine import Engine, Events
 from tqdm import tqdm
+
+from scripts.training.tracking import loss_and_terms
 
 __all__ = ["RunProgress", "TrainingCurves"]
 
@@ -30,14 +31,15 @@ logger = logging.getLogger(__name__)
 
 
 def _loss_terms(output) -> dict[str, float]:
-    """Scalar loss terms of one iteration's engine output (cross teaching: ``terms``; supervised: ``loss``)."""
-    if isinstance(output, Mapping) and isinstance(output.get("terms"), Mapping):
-        return {k: float(v) for k, v in output["terms"].items() if k.startswith(("sup", "cps", "rsl", "cl", "loss", "tac"))}
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
-        output = output[0]
-    if isinstance(output, Mapping) and "loss" in output:
-        return {"loss": float(torch.as_tensor(output["loss"]).float().mean())}
-    return {}
+    """The loss terms of one iteration's engine output (cross teaching: each network's terms and totals;
+    supervised: ``loss``), read with :func:`scripts.training.tracking.loss_and_terms`."""
+    scalars = loss_and_terms(output)
+    if isinstance(scalars, (int, float)):
+        return {"loss": float(scalars)}
+    if not isinstance(scalars, Mapping):
+        return {}
+    terms = {k: v for k, v in scalars.items() if k.startswith(("sup", "cps", "rsl", "cl", "loss", "tac"))}
+    return terms or {"loss": scalars["train_loss"]}
 
 
 def _class_dice(metrics: Mapping, prefix: str, class_names: Sequence[str]) -> dict[str, float]:
