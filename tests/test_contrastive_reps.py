@@ -154,3 +154,31 @@ def test_reps_refuses_a_registration_folder_without_training_pairs(tmp_path):
     store.commit([PairResult("phantom_001", "phantom_000", PairTransform(np.eye(4)))])  # unlabeled <-> labeled
     store.consolidate()
     assert len(RegisteredCorrespondence.from_datalist(datalist, tmp_path / "reg")) == 2
+
+
+def test_reps_correspondence_applies_deformable_fields():
+    """A transform with a displacement field maps points as PairTransform.map_points does (not by its affine part)."""
+    from scripts.registration.transform import PairTransform
+
+    rng = np.random.default_rng(5)
+    ids = ["v0", "v1", "v2"]
+    affines = [np.diag([1.5, 1.5, 10.0, 1.0]), np.diag([1.2, 1.4, 8.0, 1.0]), np.diag([1.5, 1.5, 10.0, 1.0])]
+    affines[1][:3, 3] = [2.0, -3.0, 5.0]
+    shapes = [(20, 20, 6)] * 3
+    matrix = np.eye(4)
+    matrix[:3, 3] = [1.0, -2.0, 3.0]
+    grid_affine = np.diag([6.0, 6.0, 12.0, 1.0])
+    grid_affine[:3, 3] = -3.0
+    field = rng.normal(0, 2.0, (3, 7, 7, 7)).astype(np.float32)  # a smooth-enough random displacement (mm)
+    deformable = PairTransform(matrix, field, grid_affine)
+    corr = RegisteredCorrespondence(ids, affines, shapes, {("v0", "v1"): deformable, ("v0", "v2"): matrix})
+    volume, slices = torch.zeros(5, dtype=torch.long), torch.tensor([0, 1, 2, 3, 5])
+    uv = torch.as_tensor(rng.uniform(0, 19, (5, 2)))
+    rows, targets, z, uv_j, ok = corr.map_to_partners(volume, slices, uv)
+    for r, t, zz, p, good in zip(rows.tolist(), targets.tolist(), z.tolist(), uv_j, ok.tolist()):
+        transform = deformable if t == 1 else matrix
+        expected = map_slice_points(transform, affines[0], affines[t], int(slices[r]), uv[r:r + 1])[0]
+        assert torch.allclose(p, expected[:2].to(p.dtype), atol=1e-6)
+        assert good == (0 <= round(float(expected[2])) < 6) and (not good or zz == round(float(expected[2])))
+    affine_only = map_slice_points(matrix, affines[0], affines[1], 0, uv[:1])[0]
+    assert not torch.allclose(uv_j[(rows == 0) & (targets == 1)][0], affine_only[:2].to(torch.float64), atol=0.1)

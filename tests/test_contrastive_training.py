@@ -57,11 +57,14 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     terms = trainer.state.output["terms"]
     assert {"cl_a", "cl_b", "rsl_a", "sup_b"} <= set(terms)
     assert all(np.isfinite(float(terms[k])) and float(terms[k]) > 0 for k in ("cl_a", "cl_b"))
-    assert all(0.0 <= float(terms[f"reps_found_{k}"]) <= 1.0 for k in ("a", "b"))  # logged REPS coverage
-    # the banks hold the last slices (ids of training volumes), within the (M+K)/5 capacity
-    assert set(term.banks) == {"a", "b"}
-    assert 0 < len(term.banks["a"]) <= term.capacity
-    assert all(0 <= v < len(term.correspondence) for v, _ in term.banks["a"].keys())
+    assert 0.0 <= float(terms["reps_found_joint"]) <= 1.0  # logged REPS coverage
+    # one bank (the joint space) holds both networks' maps of the last slices: volume keys 0..V-1 for A,
+    # V..2V-1 for B, within twice the (M+K)/5 capacity
+    v = len(term.correspondence)
+    assert term.joint and set(term.banks) == {"joint"}
+    keys = term.banks["joint"].keys()
+    assert 0 < len(keys) <= 2 * term.capacity
+    assert {k for k, _ in keys if k < v} and {(k - v, s) for k, s in keys if k >= v} == {(k, s) for k, s in keys if k < v}
     # projectors train with their networks' optimizers and are checkpointed outside the networks
     proj_ids = {id(p) for p in term.projector_parameters("a")}
     assert proj_ids <= {id(p) for g in parser.get_parsed_content("optimizer").param_groups for p in g["params"]}
@@ -79,18 +82,27 @@ def test_cts_with_mcsc_trains(tmp_path, data):
 
 
 @pytest.mark.parametrize(
-    "files, trained",
+    "files, trained, banks",
     [
-        (["train.yaml", "variants/uamt_rsl.yaml"], {"a"}),  # UAMT + RSL+SCL+REPS
-        (["train.yaml", "variants/cps.yaml"], {"a", "b"}),  # CPS + RSL+SCL+REPS
+        (["train.yaml", "variants/uamt_rsl.yaml"], {"a"}, {"a"}),  # UAMT + RSL+SCL+REPS
+        (["train.yaml", "variants/cps.yaml"], {"a", "b"}, {"joint"}),  # CPS + RSL+SCL+REPS (joint space)
     ],
     ids=["uamt", "cps"],
 )
-def test_table3_rows_with_rsl_scl_reps_train(tmp_path, data, files, trained):
+def test_table3_rows_with_rsl_scl_reps_train(tmp_path, data, files, trained, banks):
     parser = _train(tmp_path, files, data["rsl"], registration_dir=data["registration"], rsl_weight=1.0,
                     cl_weight=0.001, use_reps=True, cl_num_anchors=50, cl_num_negatives=50)
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     term = parser.get_parsed_content("contrastive#module")
     assert {f"cl_{k}" for k in trained} <= set(terms) and all(float(terms[f"cl_{k}"]) > 0 for k in trained)
     assert "rsl_a" in terms and float(terms["rsl_a"]) > 0
-    assert set(term.banks) == trained  # the UA-MT teacher is an EMA copy: no contrastive branch, no bank
+    assert set(term.banks) == banks  # the UA-MT teacher is an EMA copy: no contrastive branch, no bank
+
+
+def test_per_network_contrastive_spaces_stay_reachable(tmp_path, data):
+    parser = _train(tmp_path, ["train.yaml"], data["rsl"], registration_dir=data["registration"], cl_joint_space=False,
+                    cl_num_anchors=50, cl_num_negatives=50)
+    term = parser.get_parsed_content("contrastive#module")
+    terms = parser.get_parsed_content("train#trainer").state.output["terms"]
+    assert not term.joint and set(term.banks) == {"a", "b"} and len(term.banks["a"]) <= term.capacity
+    assert {"reps_found_a", "reps_found_b"} <= set(terms)

@@ -136,19 +136,22 @@ class SupervisedPixelContrastiveLoss(nn.Module):
         eligible = confidence.reshape(-1) > self.threshold
         return sample_contrastive_pixels(labels.reshape(-1), eligible, self.num_classes, self.num_anchors, self.num_negatives, generator)
 
-    def loss_from_samples(self, flat: torch.Tensor, samples: ContrastiveSamples,
-                          registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Eq. 4 on flat embeddings ``(P, D)`` for given samples.
+    def anchor_losses(self, flat: torch.Tensor, samples: ContrastiveSamples,
+                      registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        """Eq. 4's per-anchor losses ``l_a`` on flat embeddings ``(P, D)``: one ``(n_c,)`` tensor per class
+        of ``samples`` (``None`` for a class that has fewer than two anchors or no negative).
 
         ``registered``: ``(a_reg (A, D), available (A,) bool)`` for the anchors of
         :meth:`ContrastiveSamples.all_anchors` (REPS), or ``None``.
         """
         keys = flat.detach() if self.detach_keys else flat
-        losses, hi = [], 0
+        out: list[torch.Tensor | None] = []
+        hi = 0
         for anchors_idx, negatives_idx in zip(samples.anchors, samples.negatives):
             n = anchors_idx.numel()
             lo, hi = hi, hi + n
             if n < 2 or negatives_idx.numel() == 0:
+                out.append(None)
                 continue
             anchors = flat[anchors_idx]
             anchor_keys = keys[anchors_idx]
@@ -160,10 +163,38 @@ class SupervisedPixelContrastiveLoss(nn.Module):
             pos_logit = (anchors * positive).sum(-1, keepdim=True) / self.temperature
             neg_logits = anchors @ keys[negatives_idx].T / self.temperature
             logits = torch.cat([pos_logit, neg_logits], dim=1)
-            losses.append((torch.logsumexp(logits, dim=1) - pos_logit[:, 0]).mean())
-        if not losses:
-            return flat.sum() * 0.0
-        return torch.stack(losses).mean()
+            out.append(torch.logsumexp(logits, dim=1) - pos_logit[:, 0])
+        return out
+
+    def loss_from_samples(self, flat: torch.Tensor, samples: ContrastiveSamples,
+                          registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Eq. 4 on flat embeddings ``(P, D)`` for given samples: the mean over anchors of each class,
+        then over the classes (see :meth:`anchor_losses` for ``registered``)."""
+        return self.group_losses(flat, samples, None, 1, registered)[0]
+
+    def group_losses(self, flat: torch.Tensor, samples: ContrastiveSamples, groups: list[torch.Tensor] | None,
+                     num_groups: int, registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Eq. 4 split by where the anchors come from (the joint space of two networks).
+
+        ``groups``: per class of ``samples``, the group (``0 .. num_groups-1``) of each anchor, or
+        ``None`` for one group. Returns, per group, the mean over classes of the mean loss of that
+        group's anchors of the class (0, still attached to ``flat``, for a group without anchors).
+        The keys (positives and negatives) are shared by all groups.
+        """
+        per_class = self.anchor_losses(flat, samples, registered)
+        sums: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
+        for c, losses in enumerate(per_class):
+            if losses is None:
+                continue
+            if groups is None:
+                sums[0].append(losses.mean())
+                continue
+            g = groups[c].to(losses.device)
+            for k in range(num_groups):
+                mine = g == k
+                if bool(mine.any()):
+                    sums[k].append(losses[mine].mean())
+        return [torch.stack(s).mean() if s else flat.sum() * 0.0 for s in sums]
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:

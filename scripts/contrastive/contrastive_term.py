@@ -16,6 +16,17 @@ the term is the mean over scales of
   and the batch's embeddings (detached) are then pushed into the bank in their original slice frame
   (:func:`scripts.contrastive.slice_coordinates.fit_patch_frames`);
 * ``loss="mcsc"``: :class:`scripts.contrastive.mcsc_loss.MultiScaleBalancedContrastiveLoss`.
+
+**Joint space** (``joint=True``, CCT-R's default; SCL with two trained networks): both networks'
+projectors map into one 128-d space and :meth:`ContrastiveTerm.pair` computes one SCL over the union
+``F = F_A u F_B`` of the batch's pixels: anchors and negatives are drawn from both networks' pixels
+(each labelled by its network's cross label: ground truth, or the *peer's* argmax, as in MCSC), the
+class-mean positive averages anchors of both networks, and REPS reads registered positives from one
+bank that holds both networks' feature maps of each slice. The loss is returned split by the network
+each anchor came from, ``(cl_a, cl_b)`` (per class, the mean over that network's anchors; then the
+mean over classes), so each network's loss gains ``w_cl * cl_x`` as in the per-network mode, and the
+gradient of ``cl_a`` reaches A's features only (keys carry no gradient). ``joint=False`` is the
+per-network mode: a separate loss, space and bank for each network.
 """
 
 from __future__ import annotations
@@ -68,6 +79,7 @@ class ContrastiveTerm(nn.Module):
         bank_fraction, bank_max_slices: bank capacity ``min(ceil(fraction * slices), max)``; the
             slices are those of the correspondence's volumes (labeled + unlabeled).
         bank_dtype: ``"float32"`` or ``"float16"``.
+        joint: one contrastive space for both networks (module docstring); only with ``net_b`` and SCL.
     """
 
     def __init__(self, net_a: nn.Module, num_classes: int, net_b: nn.Module | None = None, loss: str = "scl",
@@ -76,14 +88,17 @@ class ContrastiveTerm(nn.Module):
                  hidden_channels: int = 256, out_channels: int = 128, mcsc_max_samples: int = 1024,
                  correspondence: RegisteredCorrespondence | None = None, class_weight: float = 1.0,
                  registered_weight: float = 0.0, bank_scale: str = "coarse", bank_fraction: float = 0.2,
-                 bank_max_slices: int | None = None, bank_dtype: str = "float32"):
+                 bank_max_slices: int | None = None, bank_dtype: str = "float32", joint: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"contrastive loss must be one of {LOSSES}, got {loss!r}")
         scales = tuple(scales)
         if correspondence is not None and (loss != "scl" or bank_scale not in scales):
             raise ValueError(f"REPS needs loss='scl' and bank_scale ({bank_scale!r}) among scales {list(scales)}")
+        if joint and loss != "scl":
+            raise ValueError(f"the joint contrastive space is implemented for loss='scl', not {loss!r} (set joint: false)")
         self.num_classes, self.loss_name, self.scales = int(num_classes), loss, scales
+        self.joint = bool(joint) and net_b is not None  # one trained network: one space anyway
         nets = {"a": net_a} if net_b is None else {"a": net_a, "b": net_b}
         self.taps = {k: FeatureTap(n, scales) for k, n in nets.items()}
         self.projectors = nn.ModuleDict(
@@ -112,12 +127,13 @@ class ContrastiveTerm(nn.Module):
         return self.projectors[which].parameters()
 
     # ------------------------------------------------------------------ REPS helpers
-    def _bank(self, which: str, emb: torch.Tensor) -> SliceFeatureBank:
-        if which not in self.banks:
+    def _bank(self, name: str, emb: torch.Tensor, layers: int) -> SliceFeatureBank:
+        """The bank ``name`` (a network, or ``"joint"`` holding ``layers`` maps per slice)."""
+        if name not in self.banks:
             c = self.correspondence
-            self.banks[which] = SliceFeatureBank(self.capacity, emb.shape[1], emb.shape[2], emb.shape[3], len(c), max(c.max_slices, 1),
-                                                 dtype=self.bank_dtype, device=emb.device)
-        return self.banks[which]
+            self.banks[name] = SliceFeatureBank(self.capacity * layers, emb.shape[1], emb.shape[2], emb.shape[3], len(c) * layers,
+                                                max(c.max_slices, 1), dtype=self.bank_dtype, device=emb.device)
+        return self.banks[name]
 
     def _batch_geometry(self, batch: SemiSupervisedBatch, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(volume index (B,), slice index (B,), patch->slice frames (B, 2, 3))``; volume -1 = unknown."""
@@ -134,8 +150,8 @@ class ContrastiveTerm(nn.Module):
         volume[~ok.cpu()] = -1
         return volume, slices.long().cpu(), frames.cpu()
 
-    def _registered(self, which: str, flat_idx: torch.Tensor, shape: torch.Size, stride: int, volume: torch.Tensor,
-                    slices: torch.Tensor, frames: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _registered(self, name: str, flat_idx: torch.Tensor, shape: torch.Size, stride: int, volume: torch.Tensor,
+                    slices: torch.Tensor, frames: torch.Tensor, dim: int, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, w = shape
         idx = flat_idx.cpu()
         sample, rest = idx // (h * w), idx % (h * w)
@@ -146,11 +162,11 @@ class ContrastiveTerm(nn.Module):
         known = vol >= 0
         out = torch.zeros((idx.numel(), dim), dtype=torch.float32)
         found = torch.zeros(idx.numel(), dtype=torch.bool)
-        if which in self.banks and known.any():
-            reg, avail = registered_positives(self.correspondence, self.banks[which], vol[known], slices[sample][known], uv[known])
+        if name in self.banks and known.any():
+            reg, avail = registered_positives(self.correspondence, self.banks[name], vol[known], slices[sample][known], uv[known], layers)
             out[known], found[known] = reg.float().cpu(), avail.cpu()
         # share of this iteration's anchors that found a registered positive (logged by the trainer)
-        self.reps_found[which] = float(found.float().mean()) if found.numel() else 0.0
+        self.reps_found[name] = float(found.float().mean()) if found.numel() else 0.0
         return out.to(flat_idx.device), found.to(flat_idx.device)
 
     @staticmethod
@@ -168,7 +184,7 @@ class ContrastiveTerm(nn.Module):
 
     # ------------------------------------------------------------------ the term
     def forward(self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
-        """The contrastive loss of network ``which`` after its forward pass on ``batch.images()``.
+        """The contrastive loss of network ``which`` alone (its own space) after its forward pass on ``batch.images()``.
 
         Args:
             which: ``"a"`` or ``"b"``.
@@ -176,40 +192,76 @@ class ContrastiveTerm(nn.Module):
             peer_probs: the peer's ``(U, K, H, W)`` probabilities on the unlabeled half (no gradient).
             batch: the batch (a :class:`scripts.contrastive.slice_coordinates.ContrastiveBatch` for REPS).
         """
-        if which not in self.taps:
-            raise ValueError(f"no contrastive branch {which!r} (have {list(self.taps)})")
-        labels = torch.cat([batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(), peer_probs.detach().argmax(1)])
-        confidence = torch.softmax(logits.detach().float(), 1).max(1).values
-        features = self.taps[which].features()
-        projectors = self.projectors[which]
+        return self._losses([(which, logits, peer_probs)], batch)[0]
+
+    def pair(self, logits_a: torch.Tensor, peer_probs_a: torch.Tensor, logits_b: torch.Tensor, peer_probs_b: torch.Tensor,
+             batch: SemiSupervisedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cl_a, cl_b)`` of both networks: one loss over the joint space (``joint``), else one per network.
+
+        ``peer_probs_a`` are B's probabilities on the unlabeled half (A's cross labels), ``peer_probs_b`` A's.
+        """
+        if not self.joint:
+            return self("a", logits_a, peer_probs_a, batch), self("b", logits_b, peer_probs_b, batch)
+        cl_a, cl_b = self._losses([("a", logits_a, peer_probs_a), ("b", logits_b, peer_probs_b)], batch)
+        return cl_a, cl_b
+
+    def _losses(self, sources: list[tuple[str, torch.Tensor, torch.Tensor]], batch: SemiSupervisedBatch) -> list[torch.Tensor]:
+        """One contrastive loss over the pixels of all ``sources`` ``(which, logits, peer_probs)``, split by source."""
+        for which, _, _ in sources:
+            if which not in self.taps:
+                raise ValueError(f"no contrastive branch {which!r} (have {list(self.taps)})")
+        n_src = len(sources)
+        bank_name = sources[0][0] if n_src == 1 else "joint"
+        labels, confidence, features, projectors = [], [], [], []
+        for which, logits, peer_probs in sources:
+            labels.append(torch.cat([batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(),
+                                     peer_probs.detach().argmax(1)]))
+            confidence.append(torch.softmax(logits.detach().float(), 1).max(1).values)
+            features.append(self.taps[which].features())
+            projectors.append(self.projectors[which])
         # Dense embeddings only where a whole map is needed: MCSC, and the scale stored in the REPS bank.
         # SCL elsewhere embeds just its sampled pixels (the 1x1 heads as linear layers on gathered features).
         dense = {s for s in self.scales if self.loss_name == "mcsc" or (self.reps and s == self.bank_scale)}
-        emb = {s: projectors[s](features[s]) for s in self.scales if s in dense}
-        geometry = self._batch_geometry(batch, labels.shape[0]) if self.reps else None
-        losses = []
+        emb = [{s: proj[s](feats[s]) for s in self.scales if s in dense} for proj, feats in zip(projectors, features)]
+        geometry = self._batch_geometry(batch, labels[0].shape[0]) if self.reps else None
+        losses: list[list[torch.Tensor]] = [[] for _ in sources]
         for scale in self.scales:
-            stride, f = SCALES[scale], features[scale]
-            lab, conf = block_labels(labels, confidence, stride, self.num_classes)
-            lab, conf = lab[:, : f.shape[2], : f.shape[3]], conf[:, : f.shape[2], : f.shape[3]]
+            stride = SCALES[scale]
+            labs, confs = [], []
+            for k in range(n_src):
+                f = features[k][scale]
+                lab, conf = block_labels(labels[k], confidence[k], stride, self.num_classes)
+                labs.append(lab[:, : f.shape[2], : f.shape[3]])
+                confs.append(conf[:, : f.shape[2], : f.shape[3]])
             if self.loss_name == "mcsc":
-                losses.append(self.loss(emb[scale], lab, conf))
+                losses[0].append(self.loss(emb[0][scale], labs[0], confs[0]))
                 continue
-            samples = self.loss.sample(lab, conf)
+            per_source = labs[0].numel()  # pixels per source (flat index k * per_source + pixel)
+            samples = self.loss.sample(torch.cat([x.reshape(-1) for x in labs]), torch.cat([x.reshape(-1) for x in confs]))
+            groups = [a // per_source for a in samples.anchors] if n_src > 1 else None
             registered = None
             if self.reps and scale == self.bank_scale:
-                registered = self._registered(which, samples.all_anchors(), lab.shape, stride, *geometry, projectors.out_channels)
-            if scale in emb:
-                flat = flatten_pixels(emb[scale])
+                registered = self._registered(bank_name, samples.all_anchors() % per_source, labs[0].shape, stride, *geometry,
+                                              projectors[0].out_channels, layers=n_src)
+            if scale in emb[0]:
+                flat = torch.cat([flatten_pixels(e[scale]) for e in emb])
             else:
-                pixels, samples = samples.compact()
-                flat = projectors.project_pixels(scale, f, pixels)
-            losses.append(self.loss.loss_from_samples(flat, samples, registered))
+                pixels, samples = samples.compact()  # sorted: source 0's pixels first
+                parts = []
+                for k in range(n_src):
+                    mine = pixels[(pixels >= k * per_source) & (pixels < (k + 1) * per_source)] - k * per_source
+                    parts.append(projectors[k].project_pixels(scale, features[k][scale], mine))
+                flat = torch.cat(parts)
+            for k, loss in enumerate(self.loss.group_losses(flat, samples, groups, n_src, registered)):
+                losses[k].append(loss)
         if self.reps:
-            e = emb[self.bank_scale]
             volume, slices, frames = geometry
             known = volume >= 0
             if known.any():
                 bank_frames = self._bank_frames(frames, SCALES[self.bank_scale])
-                self._bank(which, e).push(volume[known], slices[known], e.detach()[known.to(e.device)], bank_frames[known])
-        return torch.stack(losses).mean()
+                v = len(self.correspondence)
+                for k in range(n_src):
+                    e = emb[k][self.bank_scale]
+                    self._bank(bank_name, e, n_src).push(volume[known] + k * v, slices[known], e.detach()[known.to(e.device)],
+                                                         bank_frames[known])
+        return [torch.stack(x).mean() for x in losses]

@@ -148,12 +148,15 @@ class SliceFeatureBank:
 
 
 def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFeatureBank, volume: torch.Tensor,
-                         slice_index: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         slice_index: torch.Tensor, uv: torch.Tensor, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 12: mean bank feature at the registered points of ``A`` anchors in every other volume.
 
     Args:
         volume, slice_index: ``(A,)`` volume indices and slices of the anchors.
         uv: ``(A, 2)`` original in-plane voxel coordinates of the anchors.
+        layers: the bank holds this many feature maps per slice, layer ``l`` of volume ``j`` under
+            volume key ``j + l * V`` (the joint space of two networks: ``layers=2``, one map per
+            network); the mean is over every layer found.
 
     Returns:
         ``(a_reg (A, D), available (A,) bool)``; ``a_reg`` is 0 where no registered feature was found.
@@ -161,10 +164,14 @@ def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFe
     if volume.numel() == 0:
         return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=bank.features.device), torch.zeros(0, dtype=torch.bool)
     rows, targets, z, uv_j, ok = correspondence.map_to_partners(volume, slice_index, uv)
-    feats, found = bank.lookup(targets, z, uv_j, ok)  # (E, D), (E,): one row per (anchor, registered partner)
-    n = volume.shape[0]
-    rows = rows.to(feats.device)
-    total = torch.zeros((n, bank.channels), dtype=feats.dtype, device=feats.device).index_add_(0, rows[found], feats[found])
-    count = torch.zeros(n, dtype=torch.long, device=feats.device).index_add_(0, rows[found], torch.ones_like(rows[found]))
-    mean = total / count.clamp_min(1)[:, None].to(feats.dtype)
+    n, v = volume.shape[0], len(correspondence)
+    dev = bank.features.device
+    rows = rows.to(dev)
+    total = torch.zeros((n, bank.channels), dtype=bank.features.dtype, device=dev)
+    count = torch.zeros(n, dtype=torch.long, device=dev)
+    for layer in range(int(layers)):
+        feats, found = bank.lookup(targets + layer * v, z, uv_j, ok)  # one row per (anchor, registered partner)
+        total.index_add_(0, rows[found], feats[found])
+        count.index_add_(0, rows[found], torch.ones_like(rows[found]))
+    mean = total / count.clamp_min(1)[:, None].to(total.dtype)
     return mean, count > 0

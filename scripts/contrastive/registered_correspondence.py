@@ -6,7 +6,10 @@ pair, precomposed into voxel maps ``M_ij = inv(A_j) @ T_ij @ A_i``. :meth:`map_s
 many slice points of many volumes to every other volume in one batched product: the vectorised
 counterpart of :func:`scripts.registration.map_slice_points`.
 
-Only the affine part of stored transforms is used (deformable fields are ignored).
+A transform with a displacement field (``T(x) = A (x + v(x))``, affine + deformable registration)
+is applied in full: the field is sampled at each point (trilinear, as
+:meth:`scripts.registration.transform.PairTransform.map_points`) and its displacement added after the
+affine voxel map, ``vox_j = M_ij vox + inv(A_j)[:3, :3] A[:3, :3] v(A_i vox)``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from scripts.data.datalist import load_datalist
 from scripts.registration.geometry import check_affine, slice_axis
 from scripts.registration.store import TransformStore
+from scripts.registration.transform import PairTransform, sample_field
 
 __all__ = ["RegisteredCorrespondence"]
 
@@ -35,10 +39,12 @@ class RegisteredCorrespondence:
         ids: volume ids (index order of every tensor here).
         affines: ``(V, 4, 4)`` voxel -> RAS world affines.
         shapes: ``(V, 3)`` voxel grid shapes.
-        transforms: ``{(id_i, id_j): T_ij}`` RAS world 4x4 maps; missing pairs are unavailable.
+        transforms: ``{(id_i, id_j): T_ij}``: RAS world 4x4 maps, or
+            :class:`scripts.registration.transform.PairTransform` s (their displacement fields are
+            used); missing pairs are unavailable.
     """
 
-    def __init__(self, ids: Sequence[str], affines, shapes, transforms: Mapping[tuple[str, str], np.ndarray]):
+    def __init__(self, ids: Sequence[str], affines, shapes, transforms: Mapping[tuple[str, str], np.ndarray | PairTransform]):
         self.ids = [str(i) for i in ids]
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("RegisteredCorrespondence: volume ids must be unique")
@@ -50,15 +56,24 @@ class RegisteredCorrespondence:
         maps = np.tile(np.eye(4), (v, v, 1, 1))
         ok = np.zeros((v, v), dtype=bool)
         inv = np.linalg.inv(a) if v else a
+        # (i, j) -> (field (3, gi, gj, gk), voxel of i -> control grid 4x4, RAS mm -> voxel of j 3x3)
+        self.fields: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for (i, j), t in transforms.items():
             if i not in self.index or j not in self.index or i == j:
                 continue
+            field = None
+            if isinstance(t, PairTransform):
+                field, field_affine, t = t.field, t.field_affine, t.matrix
             t = np.asarray(t, dtype=np.float64)
             if t.shape != (4, 4) or not np.all(np.isfinite(t)):
                 continue
             ii, jj = self.index[i], self.index[j]
             maps[ii, jj] = inv[jj] @ t @ a[ii]
             ok[ii, jj] = True
+            if field is not None:
+                self.fields[(ii, jj)] = (torch.as_tensor(np.asarray(field), dtype=torch.float64),
+                                         torch.as_tensor(np.linalg.inv(field_affine) @ a[ii]),
+                                         torch.as_tensor(inv[jj][:3, :3] @ t[:3, :3]))
         self.voxel_maps = torch.as_tensor(maps)  # (V, V, 4, 4) float64
         self.available = torch.as_tensor(ok)  # (V, V)
         # registered partners of each volume, CSR: partners of n are partner_index[partner_ptr[n]:partner_ptr[n+1]]
@@ -129,6 +144,15 @@ class RegisteredCorrespondence:
         vox.scatter_(1, axes_i[:, None], slice_index[:, None].to(torch.float64))
         m = self.voxel_maps[volume, targets]  # (N, 4, 4)
         vox_j = (m[:, :3, :3] @ vox[..., None])[..., 0] + m[:, :3, 3]  # (N, 3)
+        if self.fields and n:
+            pair = volume * len(self) + targets
+            for key in torch.unique(pair).tolist():
+                field = self.fields.get((key // len(self), key % len(self)))
+                if field is None:
+                    continue
+                sel = pair == key
+                grid = (field[1][:3, :3] @ vox[sel][..., None])[..., 0] + field[1][:3, 3]
+                vox_j[sel] += sample_field(field[0], grid) @ field[2].T  # displacement (RAS mm) -> voxels of j
         axes_j = self.axes[targets]  # (N,)
         z = vox_j.gather(1, axes_j[:, None])[:, 0].round().long()
         plane_j = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_j]  # (N, 2)
@@ -139,8 +163,9 @@ class RegisteredCorrespondence:
     @classmethod
     def from_datalist(cls, datalist: str | os.PathLike, registration_dir: str | os.PathLike,
                       sections: Sequence[str] = ("training", "unlabeled")) -> "RegisteredCorrespondence":
-        """Volumes of ``sections`` of ``datalist`` (geometry read from the image headers) and the affine
-        transforms stored in ``registration_dir`` (a :class:`scripts.registration.TransformStore` folder)."""
+        """Volumes of ``sections`` of ``datalist`` (geometry read from the image headers) and the transforms
+        stored in ``registration_dir`` (a :class:`scripts.registration.TransformStore` folder), with
+        their displacement fields where the registration was deformable."""
         entries = []
         for section in sections:
             try:
@@ -165,7 +190,7 @@ class RegisteredCorrespondence:
         table = TransformStore(registration_dir).load()
         known = set(ids)
         transforms = {
-            (f, m): table.matrices[n] for n, (f, m, s) in enumerate(zip(table.fixed_ids, table.moving_ids, table.status))
+            (f, m): table.get(f, m) for f, m, s in zip(table.fixed_ids, table.moving_ids, table.status)
             if s == "ok" and f in known and m in known
         }
         if not transforms:
@@ -176,5 +201,7 @@ class RegisteredCorrespondence:
                 "would find a registered positive (REPS would silently be SCL). Let training register (no --registration_dir), "
                 "or rerun 'run registration' with --reps_partners 2")
         with_partner = {v for pair in transforms for v in pair}
-        logger.info("REPS: %d of %d training volumes have registered partners (%d transforms)", len(with_partner), len(ids), len(transforms))
+        deformable = sum(not t.is_affine for t in transforms.values())
+        logger.info("REPS: %d of %d training volumes have registered partners (%d transforms, %d with a displacement field)",
+                    len(with_partner), len(ids), len(transforms), deformable)
         return cls(ids, affines, shapes, transforms)

@@ -28,7 +28,8 @@ of ``train.yaml`` (Dice + CE). With ``amp`` (CUDA), forward and losses run under
 With a ``contrastive`` term (:class:`scripts.contrastive.contrastive_term.ContrastiveTerm`: SCL, SCL + REPS or
 MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained network's loss gains
 ``w_cl * L_cl``, computed from the same forward pass (labels: ground truth on the labeled half, the
-peer's argmax on the unlabeled half; the UA-MT teacher's for the student).
+peer's argmax on the unlabeled half; the UA-MT teacher's for the student). With two students the
+term's ``pair`` gives both losses at once (CCT-R's joint space: one loss over both networks' pixels).
 
 The engine output (``engine.state.output``) is ``{"loss": L_A + L_B, "terms": {name: value}}``
 with every loss term, ``w_cps`` and (UA-MT) the fraction of certain pixels, all detached.
@@ -210,8 +211,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
         if self.contrastive_on:
-            terms["cl_a"] = self.contrastive("a", out_a, torch.softmax(out_b[n:].detach().float(), 1), batch)
-            terms["cl_b"] = self.contrastive("b", out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
+            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, torch.softmax(out_b[n:].detach().float(), 1),
+                                                                 out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
             loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b

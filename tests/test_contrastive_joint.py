@@ -1,0 +1,110 @@
+"""CCT-R's joint contrastive space: one SCL over both networks' pixels, one REPS bank for both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import BasicUNet
+
+from scripts.contrastive.contrastive_loss import flatten_pixels
+from scripts.contrastive.contrastive_term import ContrastiveTerm, block_labels
+from scripts.contrastive.feature_taps import SCALES
+from scripts.contrastive.memory_bank import SliceFeatureBank, registered_positives
+from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
+from scripts.data.semi_supervised_data import SemiSupervisedBatch
+
+torch.set_num_threads(1)
+FEATURES = (4, 4, 8, 8, 16, 4)
+
+
+def _setup(joint: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    net_a, net_b = BasicUNet(2, 1, 3, features=FEATURES), BasicUNet(2, 1, 3, features=FEATURES)
+    term = ContrastiveTerm(net_a, 3, net_b, threshold=0.0, num_anchors=40, num_negatives=30, joint=joint)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = SemiSupervisedBatch(torch.randn(2, 1, 32, 32, generator=g), torch.randint(0, 3, (2, 1, 32, 32), generator=g),
+                                torch.randn(2, 1, 32, 32, generator=g))
+    return term, net_a, net_b, batch
+
+
+def _forward(net_a, net_b, batch):
+    x, n = batch.images(), batch.num_labeled
+    out_a, out_b = net_a(x), net_b(x)
+    return out_a, out_b, torch.softmax(out_b[n:].detach(), 1), torch.softmax(out_a[n:].detach(), 1)
+
+
+def test_joint_loss_equals_scl_over_the_union_of_both_networks_pixels():
+    term, net_a, net_b, batch = _setup(joint=True)
+    out_a, out_b, peer_a, peer_b = _forward(net_a, net_b, batch)
+    torch.manual_seed(7)
+    cl_a, cl_b = term.pair(out_a, peer_a, out_b, peer_b, batch)
+
+    # reference: densely project each network's map with its own head, concatenate, SCL per anchor
+    torch.manual_seed(7)
+    n = batch.num_labeled
+    expected = {"a": [], "b": []}
+    sources = [("a", out_a, peer_a), ("b", out_b, peer_b)]
+    for scale in term.scales:
+        labs, confs, flats = [], [], []
+        for which, logits, peer in sources:
+            feats = term.taps[which].features()[scale]
+            labels = torch.cat([batch.label[:, 0].long(), peer.argmax(1)])
+            lab, conf = block_labels(labels, torch.softmax(logits.detach(), 1).max(1).values, SCALES[scale], 3)
+            labs.append(lab[:, : feats.shape[2], : feats.shape[3]].reshape(-1))
+            confs.append(conf[:, : feats.shape[2], : feats.shape[3]].reshape(-1))
+            flats.append(flatten_pixels(term.projectors[which][scale](feats)))
+        samples = term.loss.sample(torch.cat(labs), torch.cat(confs))
+        per_class = term.loss.anchor_losses(torch.cat(flats), samples)
+        size = labs[0].numel()
+        for k, which in enumerate("ab"):
+            means = [l[a // size == k].mean() for l, a in zip(per_class, samples.anchors) if l is not None and (a // size == k).any()]
+            expected[which].append(torch.stack(means).mean())
+        # the union really mixes the networks: some class has anchors from both
+        assert any(((a // size) == 0).any() and ((a // size) == 1).any() for a in samples.anchors)
+    assert cl_a.item() == pytest.approx(torch.stack(expected["a"]).mean().item(), rel=1e-5)
+    assert cl_b.item() == pytest.approx(torch.stack(expected["b"]).mean().item(), rel=1e-5)
+
+
+def test_joint_space_aligns_the_networks_and_each_loss_trains_its_own_network():
+    """In the joint space A's loss depends on B's embeddings (its positives and negatives); per network
+    it does not. Gradients stay with each network (keys carry none)."""
+    results = {}
+    for joint in (True, False):
+        term, net_a, net_b, batch = _setup(joint)
+        out_a, out_b, peer_a, peer_b = _forward(net_a, net_b, batch)
+        torch.manual_seed(3)
+        cl_a, cl_b = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        params_b = list(net_b.parameters()) + list(term.projector_parameters("b"))
+        grads = torch.autograd.grad(cl_a, params_b, allow_unused=True, retain_graph=True)
+        assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)  # cl_a never trains B
+        assert any(g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(cl_b, params_b, allow_unused=True))
+        with torch.no_grad():  # another B projector: B's embeddings move, its labels/confidence do not
+            for p in term.projector_parameters("b"):
+                p.add_(torch.randn_like(p))
+        out_a, out_b, _, _ = _forward(net_a, net_b, batch)
+        torch.manual_seed(3)
+        cl_a2, _ = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        results[joint] = (cl_a.item(), cl_a2.item())
+    assert results[True][0] != pytest.approx(results[True][1], rel=1e-4)
+    assert results[False][0] == pytest.approx(results[False][1], rel=1e-6)
+
+
+def test_joint_bank_reads_both_networks_registered_features():
+    ids = ["v0", "v1"]
+    corr = RegisteredCorrespondence(ids, [np.eye(4)] * 2, [(4, 4, 2)] * 2, {("v1", "v0"): np.eye(4), ("v0", "v1"): np.eye(4)})
+    bank = SliceFeatureBank(capacity=4, channels=2, height=4, width=4, num_volumes=2 * len(ids), max_slices=2)
+    frame = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    for layer, value in ((0, 1.0), (1, 3.0)):  # volume v0, slice 1: network A's map is 1, B's is 3
+        bank.push(torch.tensor([0 + layer * len(ids)]), torch.tensor([1]), torch.full((1, 2, 4, 4), value), frame)
+    anchor = (torch.tensor([1]), torch.tensor([1]), torch.tensor([[2.0, 1.0]], dtype=torch.float64))
+    joint, found = registered_positives(corr, bank, *anchor, layers=2)
+    single, _ = registered_positives(corr, bank, *anchor, layers=1)
+    assert bool(found[0]) and joint[0].tolist() == [2.0, 2.0] and single[0].tolist() == [1.0, 1.0]
+
+
+def test_joint_space_is_refused_for_mcsc_and_ignored_for_one_network():
+    net = BasicUNet(2, 1, 3, features=FEATURES)
+    with pytest.raises(ValueError, match="joint"):
+        ContrastiveTerm(net, 3, BasicUNet(2, 1, 3, features=FEATURES), loss="mcsc", joint=True)
+    assert not ContrastiveTerm(net, 3, None, joint=True).joint  # UA-MT: only the student is trained
