@@ -104,6 +104,7 @@ def test_hd95_of_plate_shifted_by_k_voxels(axis, k, spacing):
     (row,) = case_metrics(torch.as_tensor(pred), torch.as_tensor(label), spacing, [3])
     assert row["hd95_vox"] == pytest.approx(k, rel=1e-6)
     assert row["hd95_mm"] == pytest.approx(k * spacing[axis], rel=1e-6)
+    assert row["hd95_mm_ssl4mis"] == row["hd95_mm"] and row["hd95_vox_ssl4mis"] == row["hd95_vox"]  # both masks present
     assert row["dice"] == 0.0
 
 
@@ -146,11 +147,13 @@ def test_empty_rule():
     rows = {r["class"]: r for r in case_metrics(pred, label, spacing, [1, 2, 3])}
     diag_mm = math.sqrt((6 * 1.5) ** 2 + (8 * 2.0) ** 2 + (4 * 10.0) ** 2)
     diag_vox = math.sqrt(6**2 + 8**2 + 4**2)
-    assert rows[3] == {"class": 3, "dice": 1.0, "hd95_mm": 0.0, "hd95_vox": 0.0, "gt_empty": True, "pred_empty": True}
+    assert rows[3] == {"class": 3, "dice": 1.0, "hd95_mm": 0.0, "hd95_vox": 0.0, "hd95_mm_ssl4mis": 0.0, "hd95_vox_ssl4mis": 0.0,
+                       "gt_empty": True, "pred_empty": True}
     for c, gt_empty, pred_empty in ((1, False, True), (2, True, False)):
         assert rows[c]["dice"] == 0.0
         assert rows[c]["hd95_mm"] == pytest.approx(diag_mm)
         assert rows[c]["hd95_vox"] == pytest.approx(diag_vox)
+        assert rows[c]["hd95_mm_ssl4mis"] == 0.0 and rows[c]["hd95_vox_ssl4mis"] == 0.0  # SSL4MIS: a miss scores 0
         assert (rows[c]["gt_empty"], rows[c]["pred_empty"]) == (gt_empty, pred_empty)
 
 
@@ -175,8 +178,8 @@ def test_case_metrics_rejects_bad_input():
 
 def _rows():
     def row(case, c, dice, mm, vox, gt_empty=False, pred_empty=False):
-        return {"case": case, "class": c, "dice": dice, "hd95_mm": mm, "hd95_vox": vox,
-                "gt_empty": gt_empty, "pred_empty": pred_empty}
+        return {"case": case, "class": c, "dice": dice, "hd95_mm": mm, "hd95_vox": vox, "hd95_mm_ssl4mis": 0.0 if pred_empty else mm,
+                "hd95_vox_ssl4mis": 0.0 if pred_empty else vox, "gt_empty": gt_empty, "pred_empty": pred_empty}
     return [
         row("a", 1, 0.5, 2.0, 1.0), row("a", 3, 1.0, 4.0, 2.0),
         row("b", 1, 1.0, 6.0, 3.0), row("b", 3, 0.0, 8.0, 4.0, pred_empty=True),
@@ -213,10 +216,12 @@ def test_write_reports_content(tmp_path):
         "val_per_case.csv", "val_summary.csv", "val_summary.md"]
     with open(paths["per_case"], newline="") as f:
         per_case = list(csv.DictReader(f))
-    assert list(per_case[0]) == ["case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty", "no_prediction"]
+    assert list(per_case[0]) == ["case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis",
+                                 "gt_empty", "pred_empty", "no_prediction"]
     assert len(per_case) == 4
     assert per_case[3]["case"] == "b" and per_case[3]["class_name"] == "LV"
     assert float(per_case[3]["hd95_mm"]) == 8.0 and per_case[3]["pred_empty"] == "True"
+    assert float(per_case[3]["hd95_mm_ssl4mis"]) == 0.0  # the missed LV, beside ours
     with open(paths["summary_csv"], newline="") as f:
         summary = list(csv.DictReader(f))
     assert [s["class_name"] for s in summary] == ["RV", "LV", "mean"]

@@ -43,6 +43,10 @@ Empty masks
   for ``hd95_vox`` (``n`` = array shape): a finite worst-case penalty (no two voxels are
   farther apart), so that means stay defined.
 * Every row records ``gt_empty`` and ``pred_empty`` so that such cases can be filtered out.
+* ``hd95_mm_ssl4mis`` / ``hd95_vox_ssl4mis`` are the same HD95 under the SSL4MIS convention
+  (``calculate_metric_percase`` of its test scripts), reported beside ours so that numbers can be
+  compared with published tables: 0 when either mask is empty (SSL4MIS returns HD95 0 for an empty
+  prediction, so a missed structure scores as perfect), else identical to ours.
 
 Summaries
 ---------
@@ -99,14 +103,16 @@ __all__ = [
     "SegmentationReport",
 ]
 
-METRICS: tuple[str, ...] = ("dice", "hd95_mm", "hd95_vox")
+METRICS: tuple[str, ...] = ("dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis")
 """The metric keys of a case row, in report order."""
 
 PER_CASE_COLUMNS: tuple[str, ...] = (
-    "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty", "no_prediction",
+    "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis", "gt_empty",
+    "pred_empty", "no_prediction",
 )
-_METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "hd95_vox": "HD95 (voxels)"}
-_METRIC_DECIMALS = {"dice": 4, "hd95_mm": 2, "hd95_vox": 2}
+_METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "hd95_vox": "HD95 (voxels)",
+                  "hd95_mm_ssl4mis": "HD95 SSL4MIS (mm)", "hd95_vox_ssl4mis": "HD95 SSL4MIS (voxels)"}
+_METRIC_DECIMALS = {"dice": 4, "hd95_mm": 2, "hd95_vox": 2, "hd95_mm_ssl4mis": 2, "hd95_vox_ssl4mis": 2}
 _NIFTI_SUFFIX = re.compile(r"\.(nii(\.gz)?|mha|mhd|nrrd)$", re.IGNORECASE)
 
 
@@ -208,7 +214,8 @@ def case_metrics(
         class_ids: the classes to score, e.g. ``[1, 2, 3]``.
 
     Returns:
-        ``[{"class", "dice", "hd95_mm", "hd95_vox", "gt_empty", "pred_empty"}, ...]`` in the
+        ``[{"class", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis", "gt_empty",
+        "pred_empty"}, ...]`` in the
         order of ``class_ids``.
     """
     p = _as_label_array(pred, "prediction")
@@ -224,14 +231,12 @@ def case_metrics(
     rows = []
     for c in ids:
         pm, gm = p == c, g == c
-        rows.append({
-            "class": c,
-            "dice": dice_score(pm, gm),
-            "hd95_mm": hd95(pm, gm, sp),
-            "hd95_vox": hd95(pm, gm, None),
-            "gt_empty": not bool(gm.any()),
-            "pred_empty": not bool(pm.any()),
-        })
+        row = {"class": c, "dice": dice_score(pm, gm), "hd95_mm": hd95(pm, gm, sp), "hd95_vox": hd95(pm, gm, None),
+               "gt_empty": not bool(gm.any()), "pred_empty": not bool(pm.any())}
+        one_empty = row["gt_empty"] or row["pred_empty"]
+        row["hd95_mm_ssl4mis"] = 0.0 if one_empty else row["hd95_mm"]
+        row["hd95_vox_ssl4mis"] = 0.0 if one_empty else row["hd95_vox"]
+        rows.append(row)
     return rows
 
 
