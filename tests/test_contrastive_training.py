@@ -106,3 +106,28 @@ def test_per_network_contrastive_spaces_stay_reachable(tmp_path, data):
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert not term.joint and set(term.banks) == {"a", "b"} and len(term.banks["a"]) <= term.capacity
     assert {"reps_found_a", "reps_found_b"} <= set(terms)
+
+
+def test_amp_path_runs_on_cpu_in_bfloat16(tmp_path, data):
+    """The trainer's mixed-precision path (both networks, every loss term, the REPS bank) under CPU bfloat16
+    autocast: it runs, the networks really compute in bfloat16, and the losses stay finite."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.yaml")])
+    parser.update({**FAST, "bundle_root": str(tmp_path), "datalist_file": data["rsl"], "num_iterations": 2, "val_interval": 2,
+                   "monitor_max_volumes": 0, "registration_dir": data["registration"], "cl_num_anchors": 50,
+                   "cl_num_negatives": 50, "amp": True})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        trainer = parser.get_parsed_content("train#trainer")
+        dtypes = set()
+        for net in (parser.get_parsed_content("net_a"), parser.get_parsed_content("net_b")):
+            net.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        trainer.run()
+    finally:
+        os.chdir(cwd)
+    assert trainer.amp and trainer.state.iteration == 2 and dtypes == {torch.bfloat16}
+    terms = trainer.state.output["terms"]
+    assert {"sup_a", "cps_b", "rsl_a", "cl_a", "cl_b"} <= set(terms)
+    assert all(np.isfinite(float(v)) for v in terms.values()) and float(terms["cl_b"]) > 0
+    assert len(parser.get_parsed_content("contrastive#module").banks["joint"]) > 0

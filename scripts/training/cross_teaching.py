@@ -22,8 +22,8 @@ B's: one backward pass of ``L_A + L_B`` gives each network its own gradient, and
 steps its own network. The poly LR schedules are ``LrScheduleHandler`` s attached in the config,
 one per optimizer. ``w_cps(i)`` is :class:`scripts.training.consistency_weight.RampUpWeight` (or any
 ``iteration -> weight`` callable) at the 0-based iteration ``i``. ``L_sup`` is the supervised loss
-of ``train.yaml`` (Dice + CE). With ``amp`` (CUDA), forward and losses run under autocast and one
-``GradScaler`` scales the summed loss and steps both optimizers.
+of ``train.yaml`` (Dice + CE). With ``amp``, forward and losses run under autocast (CUDA: float16,
+and one ``GradScaler`` scales the summed loss and steps both optimizers; CPU: bfloat16, no scaler).
 
 With a ``contrastive`` term (:class:`scripts.contrastive.contrastive_term.ContrastiveTerm`: SCL, SCL + REPS or
 MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained network's loss gains
@@ -83,7 +83,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         prepare_batch: turns a loader batch into a :class:`SemiSupervisedBatch` (default:
             :class:`scripts.data.semi_supervised_data.SemiSupervisedPrepareBatch`).
         train_handlers: ignite / MONAI handlers, as for ``SupervisedTrainer``.
-        amp: mixed precision (CUDA only).
+        amp: mixed precision (autocast on the training device: float16 + gradient scaling on CUDA, bfloat16 on CPU).
         ema_decay: UA-MT teacher EMA decay.
         uncertainty_passes, noise_std, noise_clip: UA-MT teacher noise passes.
         uncertainty_max: UA-MT threshold scale; the threshold is ``(0.75 + 0.25 ramp(i)) * uncertainty_max``
@@ -288,12 +288,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
                 return engine._mean_teacher(batch, w, iteration)
             return engine._two_students(batch, w)
 
-        use_scaler = engine.amp and engine.scaler is not None
-        if use_scaler:
-            with torch.autocast("cuda", **engine.amp_kwargs):
+        if engine.amp:  # CUDA: float16 (with the gradient scaler); CPU: bfloat16 autocast, no scaler needed
+            with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
                 loss, terms = compute()
         else:
             loss, terms = compute()
+        use_scaler = engine.amp and engine.scaler is not None and engine.scaler.is_enabled()
         engine.state.output = {"loss": loss.detach()}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if use_scaler:
