@@ -117,3 +117,42 @@ def test_inplane_dof_never_tilts_the_slice_plane(tmp_path):
     m = q.T @ res.transform.matrix[:3, :3] @ q
     np.testing.assert_allclose([m[0, 2], m[1, 2], m[2, 0], m[2, 1]], 0.0, atol=1e-5)
     assert abs(m[0, 1]) > 1e-3  # but it did rotate in-plane
+
+
+def _device_pair(tmp_path):
+    t_true = known_affine((0, 0, 5.0), (1.0, 1.0, 1.0), (4.0, -3.0, 0.0))
+    return _pair(tmp_path, t_true)[0]
+
+
+def test_torch_engine_device_choice_and_cpu_fallback(tmp_path, caplog):
+    """'auto' picks CUDA only when present; 'cuda' without a GPU registers on the CPU (warning) with the CPU's
+    results; the device is not part of the settings that name the registration folder."""
+    torch.set_num_threads(1)
+    from scripts.registration.torch_engine import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    settings = dict(FAST_TORCH, deformable=True, field_iterations=10, field_spacing=(25.0, 25.0, 30.0))
+    cpu = make_engine("torch", device="cpu", **settings)
+    assert "device" not in cpu.settings() and cpu.settings() == make_engine("torch", device="auto", **settings).settings()
+    if torch.cuda.is_available():
+        pytest.skip("the CPU fallback is only reachable without a GPU (the CUDA comparison is the next test)")
+    spec = _device_pair(tmp_path)
+    with caplog.at_level("WARNING"):
+        fallback = make_engine("torch", device="cuda", **settings)
+    assert fallback.device.type == "cpu" and "CUDA is not available" in caplog.text
+    (a,), (b,) = cpu.register_batch([spec]), fallback.register_batch([spec])
+    assert a.ok and np.array_equal(a.transform.matrix, b.transform.matrix) and np.array_equal(a.transform.field, b.transform.field)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_torch_engine_on_cuda_matches_the_cpu(tmp_path):
+    torch.set_num_threads(1)
+    spec = _device_pair(tmp_path)
+    settings = dict(FAST_TORCH, deformable=True, field_iterations=10, field_spacing=(25.0, 25.0, 30.0))
+    (a,) = make_engine("torch", device="cpu", **settings).register_batch([spec])
+    (b,) = make_engine("torch", device="cuda", **settings).register_batch([spec])
+    assert a.ok and b.ok
+    pts = grid_points(SHAPE_I, oblique_affine((2.5, 2.5, 9.0), SHAPE_I, (5, -4, 3)))
+    gap = np.linalg.norm(a.transform.map_points(pts) - b.transform.map_points(pts), axis=1)
+    assert gap.max() < 0.25, f"CPU and CUDA transforms differ by up to {gap.max():.3f} mm"

@@ -61,7 +61,8 @@ class RegistrationRunner:
         num_classes: label classes including background (for one-hot propagation and fusion).
         num_threads: torch intra-op threads per process (``None``: leave as is).
         workers: processes registering batches in parallel (each with its own engine and volume
-            cache; only the main process writes the store). ``0``/``1``: in this process.
+            cache; only the main process writes the store). ``0``/``1``: in this process. The CPU case:
+            a torch engine on CUDA registers in this process (its batches already run in parallel).
         progress: show a progress bar.
     """
 
@@ -149,8 +150,12 @@ class RegistrationRunner:
                 logger.warning("%d of %d pairs failed in this batch", failed, len(results))
             bar.update(len(results))
 
+        on_gpu = getattr(getattr(self.engine, "device", None), "type", "cpu") == "cuda"
+        if on_gpu and self.workers > 1:
+            logger.info("registration on %s: one process drives the GPU (workers=%d applies to the CPU case)",
+                        self.engine.device, self.workers)
         try:
-            if self.workers > 1:
+            if self.workers > 1 and not on_gpu:
                 self._register_parallel(batches, commit)
             else:
                 for batch in batches:

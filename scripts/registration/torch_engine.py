@@ -16,6 +16,7 @@ NCC) with a validity mask for points that leave the moving volume.  Volumes are 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .geometry import grid_moments, slice_axis
 from .similarity import masked_mutual_information, masked_ncc
 from .transform import PairTransform
 from .volumes import Volume, VolumeCache
+
+logger = logging.getLogger(__name__)
 
 
 def rotation_about(axis: np.ndarray, degrees: float) -> np.ndarray:
@@ -82,6 +85,17 @@ class _Batch:
     roi_hi: torch.Tensor  # (B, 3)
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None``: CUDA when available, else CPU; a CUDA device without a GPU: CPU, with a warning."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("registration: device %s requested but CUDA is not available; registering on the CPU", dev)
+        return torch.device("cpu")
+    return dev
+
+
 def _pad_stack(arrays: list[np.ndarray]) -> torch.Tensor:
     shape = np.max([a.shape for a in arrays], axis=0)
     out = torch.zeros((len(arrays), 1, *shape.tolist()), dtype=torch.float32)
@@ -117,6 +131,11 @@ class TorchRegistrationEngine:
         seed: random seed (sampling is deterministic for a given batch).
         cache_size: volumes (all pyramid levels of one file) kept in memory; should exceed the
             number of distinct volumes in a batch.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+            ``"cuda"`` without a GPU falls back to the CPU with a warning. The random point samples
+            are drawn on the CPU either way, so both devices optimise the same problem (results
+            agree within float tolerance). Not part of :meth:`settings`: the device does not change
+            which registration folder a result belongs to.
     """
 
     name = "torch"
@@ -144,6 +163,7 @@ class TorchRegistrationEngine:
         min_overlap: float = 0.1,
         seed: int = 0,
         cache_size: int = 160,
+        device: str = "auto",
     ) -> None:
         levels, iterations = tuple(float(x) for x in levels), tuple(int(x) for x in iterations)
         if len(levels) != len(iterations) or not levels:
@@ -167,7 +187,8 @@ class TorchRegistrationEngine:
         self.search_extent, self.search_step = float(search_extent), max(1e-3, float(search_step))
         self.max_log_det, self.min_overlap, self.seed = float(max_log_det), float(min_overlap), int(seed)
         self.cache = VolumeCache(cache_size, spacings=self.levels)
-        self._parzen = GlobalMutualInformationLoss(num_bins=self.num_bins, reduction="none")
+        self.device = resolve_device(device)
+        self._parzen = GlobalMutualInformationLoss(num_bins=self.num_bins, reduction="none").to(self.device)
 
     def settings(self) -> dict:
         """Everything that changes the result."""
@@ -207,15 +228,16 @@ class TorchRegistrationEngine:
             sl = region_slices(v, self.roi_fraction)
             lo.append([s.start for s in sl])
             hi.append([s.stop for s in sl])
+        d = self.device
         return _Batch(
-            fixed=_pad_stack([v.array for v in fixed]),
-            moving=_pad_stack([v.array for v in moving]),
-            fixed_affine=torch.tensor(np.stack([v.affine for v in fixed]), dtype=torch.float32),
-            moving_inv=torch.tensor(np.stack([np.linalg.inv(v.affine) for v in moving]), dtype=torch.float32),
-            fixed_shape=fshape,
-            moving_shape=torch.tensor([v.shape for v in moving], dtype=torch.float32),
-            roi_lo=torch.tensor(lo, dtype=torch.float32),
-            roi_hi=torch.tensor(hi, dtype=torch.float32),
+            fixed=_pad_stack([v.array for v in fixed]).to(d),
+            moving=_pad_stack([v.array for v in moving]).to(d),
+            fixed_affine=torch.tensor(np.stack([v.affine for v in fixed]), dtype=torch.float32, device=d),
+            moving_inv=torch.tensor(np.stack([np.linalg.inv(v.affine) for v in moving]), dtype=torch.float32, device=d),
+            fixed_shape=fshape.to(d),
+            moving_shape=torch.tensor([v.shape for v in moving], dtype=torch.float32, device=d),
+            roi_lo=torch.tensor(lo, dtype=torch.float32, device=d),
+            roi_hi=torch.tensor(hi, dtype=torch.float32, device=d),
         )
 
     def _initial(self, pairs: list[PairSpec]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -244,7 +266,7 @@ class TorchRegistrationEngine:
     def _sample(self, batch: _Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random fixed voxel indices ``(B, N, 3)`` inside each ROI and their intensities ``(B, N)``."""
         b = batch.fixed.shape[0]
-        u = torch.rand((b, self.num_points, 3), generator=gen)
+        u = torch.rand((b, self.num_points, 3), generator=gen).to(self.device)  # drawn on the CPU: same samples on every device
         idx = torch.floor(batch.roi_lo[:, None] + u * (batch.roi_hi - batch.roi_lo)[:, None])
         pad = batch.fixed.shape[2:]
         flat = (idx[..., 0] * pad[1] * pad[2] + idx[..., 1] * pad[2] + idx[..., 2]).long()
@@ -265,7 +287,7 @@ class TorchRegistrationEngine:
         moved = (world - centre[:, None]) @ linear.transpose(1, 2) + offset[:, None]
         mi = batch.moving_inv
         vox = moved @ mi[:, :3, :3].transpose(1, 2) + mi[:, None, :3, 3]
-        pad = torch.tensor(batch.moving.shape[2:], dtype=vox.dtype)
+        pad = torch.tensor(batch.moving.shape[2:], dtype=vox.dtype, device=vox.device)
         grid = (2 * vox / (pad - 1).clamp(min=1) - 1).flip(-1)[:, None, None]
         values = F.grid_sample(batch.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         values = values.reshape(vox.shape[0], -1)
@@ -287,12 +309,12 @@ class TorchRegistrationEngine:
         a = batch.fixed_affine[:, :3, :3]
         frames = []
         for b in range(a.shape[0]):
-            ax = slice_axis(batch.fixed_affine[b].double().numpy())
+            ax = slice_axis(batch.fixed_affine[b].double().cpu().numpy())
             order = [k for k in range(3) if k != ax] + [ax]
-            q, _ = torch.linalg.qr(a[b][:, order].double())
+            q, _ = torch.linalg.qr(a[b][:, order].double().cpu())
             frames.append(q.float())
-        frame = torch.stack(frames)
-        mask = torch.ones(3, 3)
+        frame = torch.stack(frames).to(self.device)
+        mask = torch.ones(3, 3, device=self.device)
         if self.dof == "inplane":
             mask[:2, 2] = 0
             mask[2, :2] = 0
@@ -306,8 +328,8 @@ class TorchRegistrationEngine:
         """
         batch = self._level_batch(pairs, self.levels[0])
         frame, _ = self._frames(batch)
-        steps = torch.arange(-self.search_extent, self.search_extent + 1e-6, self.search_step)
-        best_sim = torch.full((len(pairs),), -float("inf"))
+        steps = torch.arange(-self.search_extent, self.search_extent + 1e-6, self.search_step).tolist()
+        best_sim = torch.full((len(pairs),), -float("inf"), device=self.device)
         best = offset.clone()
         with torch.no_grad():
             idx, fv = self._sample(batch, gen)
@@ -359,7 +381,7 @@ class TorchRegistrationEngine:
         batch = self._level_batch(pairs, spacing)
         fixed = [self.cache.get(p.fixed_path, spacing) for p in pairs]
         gshape = self._field_grid(fixed)
-        field = torch.zeros((len(pairs), 3, *gshape), requires_grad=True)
+        field = torch.zeros((len(pairs), 3, *gshape), device=self.device, requires_grad=True)
         opt = torch.optim.Adam([field], lr=self.field_lr)
         n_it = self.field_iterations
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - 0.95 * k / max(n_it, 1))
@@ -370,6 +392,7 @@ class TorchRegistrationEngine:
                 for v in fixed
             ],
             dtype=torch.float32,
+            device=self.device,
         ).clamp(min=1e-3)
         for _ in range(self.field_iterations):
             idx, fv = self._sample(batch, gen)
@@ -384,7 +407,7 @@ class TorchRegistrationEngine:
             loss.backward()
             opt.step()
             sched.step()
-        field = field.detach()
+        field = field.detach().cpu()
         affines = []
         for b, v in enumerate(fixed):
             scale = np.array([(v.shape[a] - 1) / max(gshape[a] - 1, 1) for a in range(3)])
@@ -409,8 +432,8 @@ class TorchRegistrationEngine:
         # multi-start: replicate every pair once per start rotation for the coarsest level
         rots = np.stack([rotation_about(normals[b], ang) for ang in self.rotations for b in range(n)])
         rep = [p for _ in self.rotations for p in pairs]
-        tile = lambda x: torch.tensor(np.tile(x, (s,) + (1,) * (x.ndim - 1)), dtype=torch.float32)  # noqa: E731
-        linear = torch.tensor(rots, dtype=torch.float32)
+        tile = lambda x: torch.tensor(np.tile(x, (s,) + (1,) * (x.ndim - 1)), dtype=torch.float32, device=self.device)  # noqa: E731
+        linear = torch.tensor(rots, dtype=torch.float32, device=self.device)
         centre, offset, rad = tile(c_f), tile(c_m), tile(radius)
         if self.search_extent > 0:
             offset = self._translation_search(rep, linear, offset, centre, gen)
@@ -420,7 +443,7 @@ class TorchRegistrationEngine:
             with torch.no_grad():
                 idx, fv = self._sample(batch, gen)
                 sim, _ = self._similarity(batch, idx, fv, linear, offset, centre)
-            pick = sim.reshape(s, n).argmax(0) * n + torch.arange(n)
+            pick = sim.reshape(s, n).argmax(0) * n + torch.arange(n, device=self.device)
             linear, offset, centre, rad = linear[pick], offset[pick], centre[:n], rad[:n]
             linear, offset = self._optimise_affine(pairs, linear, offset, centre, rad, gen, range(1, len(self.levels)))
         else:
@@ -433,6 +456,7 @@ class TorchRegistrationEngine:
             idx, fv = self._sample(batch, gen)
             sim, overlap = self._similarity(batch, idx, fv, linear, offset, centre, field)
         elapsed = (time.perf_counter() - start) / n
+        linear, offset, centre, sim, overlap = (t.cpu() for t in (linear, offset, centre, sim, overlap))
         results = []
         for b, p in enumerate(pairs):
             lin = linear[b].double().numpy()
