@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +74,7 @@ class PairTransform:
 
     def to_sitk(self) -> sitk.Transform:
         """Equivalent SimpleITK transform (LPS): affine, or composite affine o displacement field."""
+        import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
         affine = affine_to_sitk(self.matrix)
         if self.field is None:
             return affine
@@ -92,6 +92,7 @@ class PairTransform:
     @classmethod
     def from_sitk(cls, transform: sitk.Transform) -> "PairTransform":
         """Read back an affine-family transform or a composite ``[affine, displacement field]``."""
+        import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
         if transform.GetName() == "CompositeTransform":
             comp = sitk.CompositeTransform(transform)
             parts = [comp.GetNthTransform(n) for n in range(comp.GetNumberOfTransforms())]
