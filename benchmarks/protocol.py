@@ -1,0 +1,216 @@
+"""The protocol runner: variants x seeds on one datalist at a fixed budget, one table, resumable.
+
+For every (variant, seed) it trains with the bundle's own command into ``OUT/<variant>_s<seed>/``
+(``models/``, ``eval/``, ``train.log``), evaluates that run's best checkpoint on the datalist's
+``--section`` (default ``validation``) with ``run evaluating``, and records the per-class and mean
+Dice (and HD95, ours and SSL4MIS's) in ``OUT/<variant>_s<seed>/result.json`` (written atomically,
+last). A run with a ``result.json`` is not run again; a run killed during training resumes from its
+``train_state.pt`` (``--resume true``). After every run ``OUT/table.md`` and ``OUT/table.json`` are
+rewritten: per variant, mean +- std (population, over seeds) of each class and of the mean, and every
+run. **Validation also selects the checkpoint** (the bundle saves the best validation model), so the
+numbers are validation numbers, not held-out test numbers; the table says so.
+
+Variants are ``name=overlay[,overlay...]`` (overlays relative to ``configs/``; ``name=`` alone is
+``configs/train.yaml``, i.e. CCT-R). Presets (``--preset``):
+
+* ``screen``: patch 128, batch 8, 600 iterations, validation every 200;
+* ``full``: patch 128, batch 8, 1,200 iterations, validation every 300 (the CPU budget of the results).
+
+Example (2 seeds, two runs side by side with one thread each)::
+
+    python benchmarks/protocol.py --datalist /tmp/acdc/acdc_1.json --dataset datasets/acdc.yaml \\
+        --variants "cct-r=" "cts=variants/cts.yaml" --seeds 12345 2 --preset full --parallel 2 --out runs/one_labeled
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.data.atomic_io import write_json, write_text  # noqa: E402
+
+PRESETS = {
+    "screen": {"patch_size": "[128,128]", "batch_size": "8", "num_iterations": "600", "val_interval": "200"},
+    "full": {"patch_size": "[128,128]", "batch_size": "8", "num_iterations": "1200", "val_interval": "300"},
+}
+
+
+@dataclass
+class Run:
+    variant: str
+    overlays: list[str]
+    seed: int
+    folder: Path
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_s{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return self.folder / "result.json"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"name=a.yaml,b.yaml"`` -> ``("name", ["a.yaml", "b.yaml"])``; ``"name="`` -> ``("name", [])``."""
+    if "=" not in text:
+        raise SystemExit(f"--variants: {text!r} is not name=overlay[,overlay...]")
+    name, _, files = text.partition("=")
+    overlays = [f.strip() for f in files.split(",") if f.strip()]
+    for f in overlays:
+        if not (ROOT / "configs" / f).is_file():
+            raise SystemExit(f"--variants {name}: overlay configs/{f} does not exist")
+    return name.strip(), overlays
+
+
+def config_list(run: Run, dataset: str | None) -> str:
+    files = ["configs/train.yaml"] + ([f"configs/{dataset}"] if dataset else []) + [f"configs/{f}" for f in run.overlays]
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_list(run, dataset),
+           "--datalist_file", datalist, "--seed", str(run.seed), "--ckpt_dir", str(run.folder / "models"),
+           "--output_dir", str(run.folder / "eval" / "training")]
+    if (run.folder / "models" / "train_state.pt").exists():
+        cmd += ["--resume", "true"]
+    for k, v in run.overrides.items():
+        cmd += [f"--{k}", v]
+    return cmd
+
+
+def evaluate_command(run: Run, datalist: str, section: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+            "['configs/inference.yaml','configs/evaluate.yaml']", "--datalist_file", datalist, "--datalist_section", section,
+            "--ckpt_dir", str(run.folder / "models"), "--output_dir", str(run.folder / "eval" / f"evaluation_{section}")]
+
+
+def read_summary(path: Path) -> dict:
+    """``metrics_summary.csv`` -> ``{class_name: {metric: mean}}`` (the ``mean`` row included)."""
+    out = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            name = "mean" if row["class"] == "mean" else row["class_name"]
+            out[name] = {k[: -len("_mean")]: float(v) for k, v in row.items() if k.endswith("_mean") and v not in ("", None)}
+    return out
+
+
+def execute(run: Run, datalist: str, dataset: str | None, section: str) -> dict:
+    """Train (or resume), evaluate, write ``result.json``; returns the result."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(run.folder / "train.log", "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(run, datalist, dataset))}\n")
+        log.flush()
+        if subprocess.run(train_command(run, datalist, dataset), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{run.name}: training failed, see {run.folder / 'train.log'}")
+        if subprocess.run(evaluate_command(run, datalist, section), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{run.name}: evaluation failed, see {run.folder / 'train.log'}")
+    summary = read_summary(run.folder / "eval" / f"evaluation_{section}" / "metrics_summary.csv")
+    result = {"variant": run.variant, "seed": run.seed, "overlays": run.overlays, "overrides": run.overrides,
+              "section": section, "metrics": summary, "minutes": (time.time() - start) / 60}
+    write_json(run.result_path, result)
+    return result
+
+
+def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tuple[str, dict]:
+    """Markdown and JSON of mean +- std per variant (population std over seeds) and every run."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    classes = [c for c in (results[0]["metrics"] if results else {}) if c != "mean"] + ["mean"]
+    order = list(dict.fromkeys(run.variant for run in runs))
+    pending = [run.name for run in runs if not run.result_path.exists()]
+    lines = [f"# Protocol runs: preset `{preset}` ({PRESETS[preset]}), Dice on `{section}` x 100",
+             "", f"Validation also selects each run's checkpoint (the best validation model is saved), so these are "
+             "validation numbers, not held-out test numbers. Std: population, over seeds.", "",
+             "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+    summary = {}
+    for v in order:
+        rs = sorted(by_variant.get(v, []), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        cells, summary[v] = [], {}
+        for c in classes:
+            vals = [100 * r["metrics"][c]["dice"] for r in rs]
+            mean, std = statistics.fmean(vals), statistics.pstdev(vals)
+            summary[v][c] = {"mean": mean, "std": std, "n": len(vals)}
+            cells.append(f"{mean:.1f} +- {std:.1f}")
+        lines.append(f"| {v} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "Every run:", "", "| run | " + " | ".join(classes) + " | mean HD95 mm (SSL4MIS rule) | minutes |",
+              "|---|" + "---:|" * (len(classes) + 2)]
+    for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, r["seed"])):
+        m = r["metrics"]["mean"]
+        hd = f"{m.get('hd95_mm', float('nan')):.1f} ({m.get('hd95_mm_ssl4mis', float('nan')):.1f})"
+        lines.append(f"| {r['variant']}_s{r['seed']} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
+                     + f" | {hd} | {r['minutes']:.0f} |")
+    if pending:
+        lines += ["", f"Not finished yet: {', '.join(pending)}."]
+    return "\n".join(lines) + "\n", {"preset": preset, "section": section, "summary": summary, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datalist", required=True)
+    ap.add_argument("--dataset", default=None, help="dataset overlay under configs/, e.g. datasets/acdc.yaml")
+    ap.add_argument("--variants", nargs="+", required=True, help="name=overlay[,overlay...] (overlays under configs/)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[12345, 2])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="screen")
+    ap.add_argument("--section", default="validation")
+    ap.add_argument("--parallel", type=int, default=1, help="runs side by side (each with num_threads 1 when > 1)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    datalist = str(Path(args.datalist).resolve())
+    overrides = dict(PRESETS[args.preset])
+    if args.parallel > 1:
+        overrides.update(num_threads="1", registration_workers="1", num_workers="1")
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        overrides[k] = v
+    runs = [Run(name, overlays, seed, out / f"{name}_s{seed}", overrides)
+            for name, overlays in map(parse_variant, args.variants) for seed in args.seeds]
+    todo = [r for r in runs if not r.result_path.exists()]
+    print(f"protocol: {len(runs)} runs, {len(runs) - len(todo)} already done, writing {out / 'table.md'}", flush=True)
+
+    def refresh() -> None:
+        results = [json.loads(r.result_path.read_text()) for r in runs if r.result_path.exists()]
+        md, js = table(results, runs, args.preset, args.section)
+        write_text(out / "table.md", md)
+        write_json(out / "table.json", js)
+
+    out.mkdir(parents=True, exist_ok=True)
+    refresh()
+    failures = []
+
+    def one(run: Run) -> None:
+        try:
+            execute(run, datalist, args.dataset, args.section)
+            print(f"protocol: {run.name} done", flush=True)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+            print(f"protocol: {exc}", flush=True)
+        refresh()
+
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        list(pool.map(one, todo))
+    if failures:
+        raise SystemExit("protocol: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()

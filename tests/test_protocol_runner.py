@@ -1,0 +1,60 @@
+"""The protocol runner (benchmarks/protocol.py): the table's statistics, resuming, one real tiny run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.data.phantom import ensure_phantom_dataset
+from tests.cross_teaching_fixtures import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import protocol  # noqa: E402
+
+
+def _result(variant, seed, rv, lv):
+    metrics = {"RV": {"dice": rv}, "LV": {"dice": lv}, "mean": {"dice": (rv + lv) / 2, "hd95_mm": 5.0, "hd95_mm_ssl4mis": 4.0}}
+    return {"variant": variant, "seed": seed, "metrics": metrics, "minutes": 1.0}
+
+
+def test_table_gives_mean_and_population_std_per_variant_and_every_run(tmp_path):
+    runs = [protocol.Run(v, [], s, tmp_path / f"{v}_s{s}") for v in ("cct-r", "cts") for s in (1, 2)]
+    results = [_result("cct-r", 1, 0.5, 0.7), _result("cct-r", 2, 0.6, 0.9), _result("cts", 1, 0.4, 0.6)]
+    md, js = protocol.table(results, runs, "screen", "validation")
+    assert js["summary"]["cct-r"]["RV"]["mean"] == pytest.approx(55.0)
+    assert js["summary"]["cct-r"]["mean"]["std"] == pytest.approx(statistics.pstdev([60.0, 75.0]))
+    assert js["summary"]["cts"]["mean"]["n"] == 1
+    assert "| cct-r | 1, 2 | 55.0 +- 5.0 | 80.0 +- 10.0 | 67.5 +- 7.5 |" in md
+    assert "| cct-r_s2 | 60.0 | 90.0 | 75.0 | 5.0 (4.0) | 1 |" in md
+    assert "Not finished yet: cct-r_s1, cct-r_s2, cts_s1, cts_s2." in md  # no result.json written in this test
+    assert "Validation also selects" in md
+
+
+def test_variant_parsing_refuses_unknown_overlays():
+    assert protocol.parse_variant("cct-r=") == ("cct-r", [])
+    assert protocol.parse_variant("cts=variants/cts.yaml") == ("cts", ["variants/cts.yaml"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        protocol.parse_variant("x=variants/nope.yaml")
+
+
+def test_one_tiny_run_end_to_end_then_resume_skips_it(tmp_path, monkeypatch):
+    data = ensure_phantom_dataset(tmp_path / "phantom", n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=3)
+    out = tmp_path / "runs"
+    args = ["--datalist", str(data), "--variants", "ls=variants/ls.yaml", "--seeds", "7", "--preset", "screen", "--out", str(out),
+            "--set", "patch_size=[32,32]", "batch_size=4", "num_iterations=2", "val_interval=2", "num_workers=0",
+            "cache_num_workers=0"]
+    protocol.main(args)
+    result = json.loads((out / "ls_s7" / "result.json").read_text())
+    assert result["seed"] == 7 and 0.0 <= result["metrics"]["mean"]["dice"] <= 1.0
+    assert set(result["metrics"]) >= {"RV", "myocardium", "LV", "mean"}
+    assert (out / "ls_s7" / "models" / "model.pt").is_file()
+    table = (out / "table.md").read_text()
+    assert "| ls | 7 |" in table and "Not finished" not in table
+    calls = []
+    monkeypatch.setattr(protocol, "execute", lambda *a, **k: calls.append(a))
+    protocol.main(args)  # everything done: nothing runs again
+    assert calls == []
