@@ -11,7 +11,8 @@ run. **Validation also selects the checkpoint** (the bundle saves the best valid
 numbers are validation numbers, not held-out test numbers; the table says so.
 
 Variants are ``name=overlay[,overlay...]`` (overlays relative to ``configs/``; ``name=`` alone is
-``configs/train.yaml``, i.e. CCT-R). Presets (``--preset``):
+``configs/train.yaml``, i.e. CCT-R); ``--variant_set name:key=value`` adds an override to one
+variant (a config switch screened without a new overlay). Presets (``--preset``):
 
 * ``screen``: patch 128, batch 8, 600 iterations, validation every 200;
 * ``full``: patch 128, batch 8, 1,200 iterations, validation every 300 (the CPU budget of the results).
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--section", default="validation")
     ap.add_argument("--parallel", type=int, default=1, help="runs side by side (each with num_threads 1 when > 1)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    ap.add_argument("--variant_set", nargs="*", default=[], metavar="NAME:KEY=VALUE",
+                    help="overrides for one variant, e.g. swin_lr:learning_rate_b=0.0005")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -182,8 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k] = v
-    runs = [Run(name, overlays, seed, out / f"{name}_s{seed}", overrides)
-            for name, overlays in map(parse_variant, args.variants) for seed in args.seeds]
+    per_variant: dict[str, dict[str, str]] = {}
+    for item in args.variant_set:
+        name, _, kv = item.partition(":")
+        k, _, v = kv.partition("=")
+        if not (name and k and v):
+            raise SystemExit(f"--variant_set: {item!r} is not NAME:KEY=VALUE")
+        per_variant.setdefault(name, {})[k] = v
+    variants = [parse_variant(v) for v in args.variants]
+    unknown = set(per_variant) - {name for name, _ in variants}
+    if unknown:
+        raise SystemExit(f"--variant_set names {sorted(unknown)} that are not among --variants")
+    runs = [Run(name, overlays, seed, out / f"{name}_s{seed}", {**overrides, **per_variant.get(name, {})})
+            for name, overlays in variants for seed in args.seeds]
     todo = [r for r in runs if not r.result_path.exists()]
     print(f"protocol: {len(runs)} runs, {len(runs) - len(todo)} already done, writing {out / 'table.md'}", flush=True)
 
