@@ -103,9 +103,15 @@ def test_random_crop_keeps_image_label_and_coordinates_together(datalist):
     assert min(spans) < 0.8 * max(spans)  # crops of different sizes were taken
 
 
-def test_no_crop_by_default(datalist):
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "train.yaml"))
-    parser["datalist_file"] = str(datalist)
-    assert parser.get_parsed_content("crop_min_scale") is None
-    assert not any(type(t).__name__ == "RandScaleCropd" for t in parser.get_parsed_content("train#slice_transforms"))
+def test_random_crop_is_on_by_default_and_can_be_switched_off(datalist):
+    for value, expected in ((None, True), ("null", False)):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "configs" / "train.yaml"))
+        parser["datalist_file"] = str(datalist)
+        if value == "null":
+            parser["crop_min_scale"] = None
+        names = [type(t).__name__ for t in parser.get_parsed_content("train#slice_transforms")]
+        assert ("RandScaleCropd" in names) == expected, names
+        if expected:  # before the resize, after the slice and its coordinates
+            assert parser.get_parsed_content("crop_min_scale") == 0.8
+            assert names.index("RandScaleCropd") < names.index("Resized") and names.index("SliceCoordinatesd") < names.index("RandScaleCropd")
