@@ -67,6 +67,7 @@ def test_torch_batch_pairs_are_independent(tmp_path):
     [
         ("torch", dict(FAST_TORCH, deformable=True, field_iterations=30, field_spacing=(25.0, 25.0, 30.0))),
         ("sitk", dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15)),  # affine + B-spline (CT)
+        ("sitk", dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15, bspline_metric="meansquares")),
     ],
 )
 def test_deformable_exports_a_field_and_stays_accurate(tmp_path, engine, settings):
@@ -99,6 +100,14 @@ def test_blank_moving_volume_is_recorded_as_failed(tmp_path):
     far = PairSpec("i", spec.fixed_path, "far", str(tmp_path / "far.nii.gz"))
     (res,) = make_engine("torch", **dict(FAST_TORCH, init="identity", iterations=(5, 5))).register_batch([far])
     assert res.status == "failed" and res.reason
+
+
+def test_sitk_bspline_settings_name_the_metric_and_the_evaluation_cap():
+    engine = make_engine("sitk", bspline=True, bspline_metric="meansquares", bspline_evaluations=50)
+    assert engine.settings()["bspline_metric"] == "meansquares" and engine.settings()["bspline_evaluations"] == 50
+    assert "bspline_metric" not in make_engine("sitk").settings()  # affine-only folders keep their names
+    with pytest.raises(ValueError, match="bspline_metric"):
+        make_engine("sitk", bspline=True, bspline_metric="ncc")
 
 
 def test_unknown_engine_and_bad_settings_raise():
