@@ -54,11 +54,12 @@ def _reset_peak() -> bool:
 
 
 # ---------------------------------------------------------------------------------- data
-def make_datalist(root: Path) -> str:
-    """A phantom (4 labeled, 4 unlabeled) whose unlabeled entries carry their true label as registered label."""
+def make_datalist(root: Path, n_labeled: int = 4, n_unlabeled: int = 4) -> str:
+    """A phantom whose unlabeled entries carry their true label as registered label (absolute paths)."""
     from scripts.data.phantom import ensure_phantom_dataset
 
-    plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=4, n_unlabeled=4, n_validation=1, n_test=0, seed=0))
+    plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=n_labeled, n_unlabeled=n_unlabeled, n_validation=1, n_test=0,
+                                        seed=0))
     data = json.loads(plain.read_text())
     for section in ("training", "unlabeled", "validation"):
         for e in data[section]:

@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _sync(device: torch.device) -> None:
@@ -37,26 +38,19 @@ def _sync(device: torch.device) -> None:
 
 
 def make_data(root: Path, n_labeled: int, n_unlabeled: int) -> tuple[str, str, list]:
-    """Phantom datalist whose unlabeled volumes carry their true labels as registered labels, and a
-    registration folder holding the true transforms between all training volumes (for REPS)."""
-    from scripts.data.phantom import ensure_phantom_dataset, load_phantom_subjects, true_transform
+    """Phantom datalist whose unlabeled volumes carry their true labels as registered labels
+    (:func:`cross_teaching_speed.make_datalist`), and a registration folder holding the true transforms
+    between all training volumes (for REPS)."""
+    from cross_teaching_speed import make_datalist
+
+    from scripts.data.phantom import load_phantom_subjects, true_transform
     from scripts.registration.engine import PairResult, PairSpec
     from scripts.registration.store import TransformStore
     from scripts.registration.transform import PairTransform
 
-    plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=n_labeled, n_unlabeled=n_unlabeled, n_validation=1,
-                                        n_test=0, seed=0))
-    data = json.loads(plain.read_text())
-    for section in ("training", "unlabeled", "validation"):
-        for e in data[section]:
-            for k in ("image", "label", "true_label"):
-                if k in e:
-                    e[k] = str(plain.parent / e[k])
-            if section == "unlabeled":
-                e["registered_label"] = e["true_label"]
-    datalist = root / "rsl_datalist.json"
-    datalist.write_text(json.dumps(data))
-    subjects = load_phantom_subjects(plain.parent)
+    datalist = Path(make_datalist(root, n_labeled, n_unlabeled))
+    data = json.loads(datalist.read_text())
+    subjects = load_phantom_subjects(root / "phantom")
     entries = data["training"] + data["unlabeled"]
     ids = [e["id"] for e in entries]
     store = TransformStore(root / "registration", settings={"engine": "truth"})
