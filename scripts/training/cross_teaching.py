@@ -15,7 +15,11 @@ see :mod:`scripts.data.semi_supervised_data`. Each network runs *once* on ``[x_l
 
       L_A = L_sup(A(x_l), y) + w_cps(i) * MSE_mask(A(x_u), teacher) + w_rsl * L_sup(A(x_u), r)
 
-  with the uncertainty threshold rising from 0.75 to 1.0 of ``uncertainty_max`` over training.
+  with the uncertainty threshold rising from 0.75 to 1.0 of ``uncertainty_max`` over training;
+* ``none``: one network A (no B, no peer), trained by the supervised loss on ``x_l`` plus the
+  optional terms below on ``x_u`` (TAC: ``configs/variants/tac.yaml``)::
+
+      L_A = L_sup(A(x_l), y) + w_tac * R_A + w_rsl * L_sup(A(x_u), r)
 
 The pseudo-label targets carry no gradient, so ``L_A`` only reaches A's weights and ``L_B`` only
 B's: one backward pass of ``L_A + L_B`` gives each network its own gradient, and each optimizer
@@ -30,6 +34,10 @@ MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained 
 ``w_cl * L_cl``, computed from the same forward pass (labels: ground truth on the labeled half, the
 peer's argmax on the unlabeled half; the UA-MT teacher's for the student). With two students the
 term's ``pair`` gives both losses at once (CCT-R's joint space: one loss over both networks' pixels).
+
+With an ``affinity`` term (:class:`scripts.contrastive.task_affinity.TaskAffinityConsistency`, TAC's
+unpaired consistency ``R`` on network A's enhanced skip features) and ``affinity_weight`` ``w_tac > 0``,
+A's loss gains ``w_tac * R_A`` (any method; B, a Transformer, has no enhancement layers).
 
 The engine output (``engine.state.output``) is ``{"loss": L_A + L_B, "terms": {name: value}}``
 with every loss term, ``w_cps`` and (UA-MT) the fraction of certain pixels, all detached.
@@ -60,7 +68,7 @@ from scripts.training.semi_supervised_losses import (
 __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 
 #: The unsupervised terms the trainer implements.
-CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher")
+CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher", "none")
 
 
 class CrossTeachingTrainer(SupervisedTrainer):
@@ -72,10 +80,11 @@ class CrossTeachingTrainer(SupervisedTrainer):
         train_data_loader: a :class:`scripts.data.semi_supervised_data.SemiSupervisedLoader`.
         net_a: network A (the CNN; the UA-MT student).
         optimizer_a: A's optimizer.
-        net_b: network B (the Transformer in CTS/CCT-R, a second U-Net in CPS, the EMA teacher in UA-MT).
-        optimizer_b: B's optimizer; must be ``None`` for ``mean_teacher`` (the teacher is not trained).
+        net_b: network B (the Transformer in CTS/CCT-R, a second U-Net in CPS, the EMA teacher in UA-MT);
+            ``None`` for ``none`` (one network).
+        optimizer_b: B's optimizer; must be ``None`` for ``mean_teacher`` (the teacher is not trained) and ``none``.
         supervised_loss: ``L_sup(logits, label)`` (Dice + CE); also the registration-supervision loss.
-        consistency: ``"cross_teaching"``, ``"cps"`` or ``"mean_teacher"``.
+        consistency: ``"cross_teaching"``, ``"cps"``, ``"mean_teacher"`` or ``"none"`` (one network).
         consistency_weight: ``w_cps``: a callable of the 0-based iteration, or a constant.
         rsl_weight: ``w_rsl``; 0 switches registration supervision off (the batches' registered
             labels, if any, are then ignored). Positive needs registered labels in every batch.
@@ -91,6 +100,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         num_iterations: the ramp length of the UA-MT threshold; defaults to ``consistency_weight.total``.
         contrastive: the contrastive term (``None``: off); its projector parameters must be in the optimizers.
         contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
+        affinity: TAC's consistency term on network A (``None``: off).
+        affinity_weight: ``w_tac``; 0 switches it off.
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
 
@@ -101,7 +112,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         train_data_loader,
         net_a: nn.Module,
         optimizer_a: Optimizer,
-        net_b: nn.Module,
+        net_b: nn.Module | None,
         supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         consistency: str = "cross_teaching",
         optimizer_b: Optimizer | None = None,
@@ -119,6 +130,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         num_iterations: int | None = None,
         contrastive: Callable | None = None,
         contrastive_weight: float = 0.0,
+        affinity: Callable | None = None,
+        affinity_weight: float = 0.0,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = False,
@@ -127,8 +140,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
             raise ValueError(f"consistency must be one of {CONSISTENCY_METHODS}, got {consistency!r}")
         if consistency == "mean_teacher" and optimizer_b is not None:
             raise ValueError("mean_teacher: net_b is the EMA teacher of net_a and must have no optimizer (optimizer_b=None)")
-        if consistency != "mean_teacher" and optimizer_b is None:
-            raise ValueError(f"{consistency}: both networks are trained; optimizer_b is required")
+        if consistency == "none" and (net_b is not None or optimizer_b is not None):
+            raise ValueError("none: one network is trained; net_b and optimizer_b must be None")
+        if consistency not in ("mean_teacher", "none") and (net_b is None or optimizer_b is None):
+            raise ValueError(f"{consistency}: both networks are trained; net_b and optimizer_b are required")
         if float(rsl_weight) < 0:
             raise ValueError(f"rsl_weight must be >= 0, got {rsl_weight!r}")
         super().__init__(
@@ -154,11 +169,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.consistency_weight = consistency_weight
         self.rsl_weight = float(rsl_weight)
         self.rsl_loss = SelectedSamplesLoss(supervised_loss)
-        self.cross_loss: nn.Module = {
-            "cross_teaching": PseudoLabelDiceLoss,
-            "cps": PseudoLabelCELoss,
-            "mean_teacher": UncertaintyMaskedMSE,
-        }[consistency]()
+        cross = {"cross_teaching": PseudoLabelDiceLoss, "cps": PseudoLabelCELoss, "mean_teacher": UncertaintyMaskedMSE}
+        self.cross_loss: nn.Module | None = cross[consistency]() if consistency in cross else None
         self.ema_decay = float(ema_decay)
         self.uncertainty_passes = int(uncertainty_passes)
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
@@ -178,6 +190,15 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.contrastive = contrastive
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
+        if self.contrastive_on and consistency == "none":
+            raise ValueError("none: the contrastive terms need a peer's labels on the unlabeled half; use cl_weight 0")
+        if float(affinity_weight) < 0:
+            raise ValueError(f"affinity_weight must be >= 0, got {affinity_weight!r}")
+        if float(affinity_weight) > 0 and affinity is None:
+            raise ValueError("affinity_weight > 0 needs an affinity term (scripts.contrastive.task_affinity.TaskAffinityConsistency)")
+        self.affinity = affinity
+        self.affinity_weight = float(affinity_weight)
+        self.affinity_on = affinity is not None and self.affinity_weight > 0
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     # ------------------------------------------------------------------ loss terms
@@ -210,6 +231,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
+        if self.affinity_on:
+            terms["tac_a"] = self.affinity(out_a, batch.label, n)
+            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
         if self.contrastive_on:
             terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, torch.softmax(out_b[n:].detach().float(), 1),
                                                                  out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
@@ -235,9 +259,27 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+        if self.affinity_on:
+            terms["tac_a"] = self.affinity(out_a, batch.label, n)
+            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
         if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, target, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+        terms["loss_a"] = loss_a
+        return loss_a, terms
+
+    def _one_network(self, batch: SemiSupervisedBatch) -> tuple[torch.Tensor, dict]:
+        x, n = batch.images(), batch.num_labeled
+        out_a = self.network(x)
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = {"sup_a": self.loss_function(out_a[:n], batch.label)}
+        loss_a = terms["sup_a"]
+        if self.rsl_weight > 0:
+            terms["rsl_a"] = self._rsl(out_a[n:], batch)
+            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+        if self.affinity_on:
+            terms["tac_a"] = self.affinity(out_a, batch.label, n)
+            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
         terms["loss_a"] = loss_a
         return loss_a, terms
 
@@ -276,7 +318,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         iteration = engine.state.iteration - 1
         w = engine.w_cps(iteration)
         engine.network.train()
-        engine.net_b.train()
+        if engine.net_b is not None:
+            engine.net_b.train()
         if not engine._projectors_broadcast:
             engine._broadcast_projectors()
             engine._projectors_broadcast = True
@@ -286,6 +329,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         def compute() -> tuple[torch.Tensor, dict]:
             if engine.consistency == "mean_teacher":
                 return engine._mean_teacher(batch, w, iteration)
+            if engine.consistency == "none":
+                return engine._one_network(batch)
             return engine._two_students(batch, w)
 
         if engine.amp:  # CUDA: float16 (with the gradient scaler); CPU: bfloat16 autocast, no scaler needed

@@ -7,6 +7,11 @@
   BatchNorm, LeakyReLU, encoder dropout 0.05 / 0.1 / 0.2 / 0.3 / 0.5, features 16-256, bilinear
   upsampling after a 1x1 convolution, built from MONAI's ``Convolution`` blocks
   (``configs/variants/ssl4mis_unet.yaml`` uses it as network A).
+* :class:`StructureEnhancedUNet` — MONAI's ``BasicUNet`` whose skip connections pass through a
+  :class:`StructuralEnhancement` layer (TAC, Chen et al., IEEE TMI): the encoder feature ``x`` is
+  rescaled by ``alpha = sigmoid(f_psi(ReLU(f_xbar(xbar) + f_x(x))))`` computed from ``x`` and the
+  upsampled decoder feature ``xbar`` of the same size, and ``alpha * x`` replaces ``x`` in the
+  concatenation (``configs/variants/tac.yaml``). Its state_dict is ``BasicUNet``'s plus ``sel_*``.
 * :class:`EnsembleNet` — the inference network of CTS / CCT-R / CPS: the mean of the logits of the
   two students (``branch="mean"``), or one student alone (``"a"``: the CNN, ``"b"``: the
   Transformer), as the paper reports all three. Its ``state_dict`` holds both students
@@ -20,10 +25,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
-from monai.networks.nets import SwinUNETR
+from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
-__all__ = ["SwinUNETR2D", "SSL4MISUNet", "EnsembleNet", "BRANCHES"]
+__all__ = ["SwinUNETR2D", "SSL4MISUNet", "StructuralEnhancement", "StructureEnhancedUNet", "EnsembleNet", "BRANCHES"]
 
 #: ``EnsembleNet`` outputs: the mean of both students' logits, or one student's.
 BRANCHES = ("mean", "a", "b")
@@ -127,6 +132,81 @@ class SSL4MISUNet(nn.Module):
         y = self.up3(y, skips[1])
         y = self.up4(y, skips[0])
         return self.out_conv(y)
+
+
+class StructuralEnhancement(nn.Module):
+    """TAC's structural enhancement layer on one skip connection.
+
+    ``alpha = sigmoid(f_psi(ReLU(f_xbar(xbar) + f_x(x))))`` with 1x1 convolutions ``f_x`` (skip
+    channels to ``inter_channels``), ``f_xbar`` (decoder channels to ``inter_channels``) and ``f_psi``
+    (to one channel: one weight per pixel, shared by the skip's channels); the output is the
+    structural feature ``alpha * x``, of ``x``'s shape.
+
+    Args:
+        skip_channels: channels of the encoder feature ``x``.
+        decoder_channels: channels of the decoder feature ``xbar`` (same spatial size as ``x``).
+        inter_channels: of the hidden map; default ``max(1, skip_channels // 2)``.
+    """
+
+    def __init__(self, skip_channels: int, decoder_channels: int, inter_channels: int | None = None) -> None:
+        super().__init__()
+        inter = int(inter_channels) if inter_channels else max(1, int(skip_channels) // 2)
+        self.f_x = nn.Conv2d(skip_channels, inter, kernel_size=1)
+        self.f_xbar = nn.Conv2d(decoder_channels, inter, kernel_size=1)
+        self.f_psi = nn.Conv2d(inter, 1, kernel_size=1)
+
+    def alpha(self, x: torch.Tensor, xbar: torch.Tensor) -> torch.Tensor:
+        """The per-pixel weights ``(B, 1, H, W)`` in (0, 1)."""
+        return torch.sigmoid(self.f_psi(F.relu(self.f_xbar(xbar) + self.f_x(x))))
+
+    def forward(self, x: torch.Tensor, xbar: torch.Tensor) -> torch.Tensor:
+        return self.alpha(x, xbar) * x
+
+
+class StructureEnhancedUNet(BasicUNet):
+    """``BasicUNet`` (2D) with a :class:`StructuralEnhancement` on each of its four skip connections.
+
+    Same constructor as ``BasicUNet`` (``spatial_dims`` must be 2) plus ``inter_channels`` of the
+    enhancement layers. Layer ``sel_k`` sits on the skip of decoder block ``upcat_k``: ``sel_4`` at
+    1/8 resolution ... ``sel_1`` at full resolution. The TAC loss reads each layer's input ``x`` (the
+    contextual feature) and output ``alpha * x`` (the structural feature) through forward hooks
+    (:class:`scripts.contrastive.task_affinity.SkipFeatureTap`).
+    """
+
+    skip_layers = ("sel_1", "sel_2", "sel_3", "sel_4")
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+                 features: Sequence[int] = (32, 32, 64, 128, 256, 32), inter_channels: int | None = None, **kwargs) -> None:
+        if int(spatial_dims) != 2:
+            raise ValueError("StructureEnhancedUNet is 2D: spatial_dims must be 2")
+        super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, features=features, **kwargs)
+        f = [int(v) for v in features]
+        # (skip channels, channels of the upsampled decoder feature) of upcat_1 ... upcat_4 (BasicUNet's UpCat)
+        shapes = {1: (f[0], f[1]), 2: (f[1], f[2] // 2), 3: (f[2], f[3] // 2), 4: (f[3], f[4] // 2)}
+        for k, (skip, dec) in shapes.items():
+            setattr(self, f"sel_{k}", StructuralEnhancement(skip, dec, inter_channels))
+
+    @staticmethod
+    def _up(upcat: nn.Module, sel: StructuralEnhancement, x: torch.Tensor, x_e: torch.Tensor) -> torch.Tensor:
+        """``UpCat.forward`` with the skip ``x_e`` replaced by ``sel(x_e, upsampled x)``."""
+        x_0 = upcat.upsample(x)
+        if upcat.is_pad:  # odd sizes: as UpCat, pad the upsampled map by one on the far side
+            pad = [0, int(x_e.shape[-1] != x_0.shape[-1]), 0, int(x_e.shape[-2] != x_0.shape[-2])]
+            if any(pad):
+                x_0 = F.pad(x_0, pad, "replicate")
+        return upcat.convs(torch.cat([sel(x_e, x_0), x_0], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.conv_0(x)
+        x1 = self.down_1(x0)
+        x2 = self.down_2(x1)
+        x3 = self.down_3(x2)
+        x4 = self.down_4(x3)
+        u4 = self._up(self.upcat_4, self.sel_4, x4, x3)
+        u3 = self._up(self.upcat_3, self.sel_3, u4, x2)
+        u2 = self._up(self.upcat_2, self.sel_2, u3, x1)
+        u1 = self._up(self.upcat_1, self.sel_1, u2, x0)
+        return self.final_conv(u1)
 
 
 def _branch(branch: str) -> str:
