@@ -21,6 +21,12 @@ Example (2 seeds, two runs side by side with one thread each)::
 
     python benchmarks/protocol.py --datalist /tmp/acdc/acdc_1.json --dataset datasets/acdc.yaml \\
         --variants "cct-r=" "cts=variants/cts.yaml" --seeds 12345 2 --preset full --parallel 2 --out runs/one_labeled
+
+Labeled splits (ACDC): instead of ``--datalist``, ``--acdc_root ROOT --labeled N --label_splits standard 1 2``
+builds one datalist per split in ``OUT/datalists/`` (``standard``: the split file's labeled patients;
+an integer: N train patients drawn with that seed, ``scripts.data.datalist.build_acdc(labeled_seed=)``)
+and runs every variant x seed on each (``OUT/<variant>_<split>_s<seed>/``); a variant's mean +- std
+is then over seeds and splits.
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ class Run:
     seed: int
     folder: Path
     overrides: dict[str, str] = field(default_factory=dict)
+    datalist: str = ""
+    split: str | None = None   # the labeled split's name (None: the one --datalist)
 
     @property
     def name(self) -> str:
-        return f"{self.variant}_s{self.seed}"
+        return f"{self.variant}_s{self.seed}" if self.split is None else f"{self.variant}_{self.split}_s{self.seed}"
 
     @property
     def result_path(self) -> Path:
@@ -109,9 +117,10 @@ def read_summary(path: Path) -> dict:
     return out
 
 
-def execute(run: Run, datalist: str, dataset: str | None, section: str) -> dict:
+def execute(run: Run, dataset: str | None, section: str) -> dict:
     """Train (or resume), evaluate, write ``result.json``; returns the result."""
     run.folder.mkdir(parents=True, exist_ok=True)
+    datalist = run.datalist
     start = time.time()
     with open(run.folder / "train.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(run, datalist, dataset))}\n")
@@ -121,7 +130,7 @@ def execute(run: Run, datalist: str, dataset: str | None, section: str) -> dict:
         if subprocess.run(evaluate_command(run, datalist, section), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise RuntimeError(f"{run.name}: evaluation failed, see {run.folder / 'train.log'}")
     summary = read_summary(run.folder / "eval" / f"evaluation_{section}" / "metrics_summary.csv")
-    result = {"variant": run.variant, "seed": run.seed, "overlays": run.overlays, "overrides": run.overrides,
+    result = {"variant": run.variant, "seed": run.seed, "split": run.split, "datalist": datalist, "overlays": run.overlays, "overrides": run.overrides,
               "section": section, "metrics": summary, "minutes": (time.time() - start) / 60}
     write_json(run.result_path, result)
     return result
@@ -141,7 +150,7 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tu
              "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
     summary = {}
     for v in order:
-        rs = sorted(by_variant.get(v, []), key=lambda r: r["seed"])
+        rs = sorted(by_variant.get(v, []), key=lambda r: (str(r.get("split")), r["seed"]))
         if not rs:
             continue
         cells, summary[v] = [], {}
@@ -150,22 +159,47 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tu
             mean, std = statistics.fmean(vals), statistics.pstdev(vals)
             summary[v][c] = {"mean": mean, "std": std, "n": len(vals)}
             cells.append(f"{mean:.1f} +- {std:.1f}")
-        lines.append(f"| {v} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     lines += ["", "Every run:", "", "| run | " + " | ".join(classes) + " | mean HD95 mm (SSL4MIS rule) | minutes |",
               "|---|" + "---:|" * (len(classes) + 2)]
-    for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, r["seed"])):
+    for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, str(r.get("split")), r["seed"])):
         m = r["metrics"]["mean"]
         hd = f"{m.get('hd95_mm', float('nan')):.1f} ({m.get('hd95_mm_ssl4mis', float('nan')):.1f})"
-        lines.append(f"| {r['variant']}_s{r['seed']} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
+        name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
                      + f" | {hd} | {r['minutes']:.0f} |")
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n", {"preset": preset, "section": section, "summary": summary, "runs": results}
 
 
+def _seed_label(result: dict) -> str:
+    return str(result["seed"]) if result.get("split") is None else f"{result['split']}:{result['seed']}"
+
+
+def acdc_datalists(root: str, labeled: int, splits: list[str], out: Path) -> dict[str, str]:
+    """``{split: datalist path}``: one ACDC datalist per labeled split, built once under ``out``."""
+    from scripts.data.datalist import build_acdc
+
+    paths = {}
+    for split in splits:
+        if split != "standard" and not split.lstrip("-").isdigit():
+            raise SystemExit(f"--label_splits: {split!r} is neither 'standard' nor an integer seed")
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"acdc_{labeled}_{split}.json"
+        if not path.exists():
+            build_acdc(root, path, labeled=labeled, labeled_seed=None if split == "standard" else int(split))
+        paths[split] = str(path.resolve())
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datalist", required=True)
+    ap.add_argument("--datalist", help="the datalist of every run (or --acdc_root)")
+    ap.add_argument("--acdc_root", help="ACDC folder: build one datalist per --label_splits instead of --datalist")
+    ap.add_argument("--labeled", type=int, default=1, help="with --acdc_root: labeled patients per split")
+    ap.add_argument("--label_splits", nargs="+", default=["standard"],
+                    help="with --acdc_root: 'standard' and/or integer seeds drawing other labeled patients")
     ap.add_argument("--dataset", default=None, help="dataset overlay under configs/, e.g. datasets/acdc.yaml")
     ap.add_argument("--variants", nargs="+", required=True, help="name=overlay[,overlay...] (overlays under configs/)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[12345, 2])
@@ -178,7 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    datalist = str(Path(args.datalist).resolve())
+    if bool(args.datalist) == bool(args.acdc_root):
+        raise SystemExit("give exactly one of --datalist and --acdc_root")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.datalist:
+        datalists: dict[str | None, str] = {None: str(Path(args.datalist).resolve())}
+    else:
+        datalists = acdc_datalists(args.acdc_root, args.labeled, list(dict.fromkeys(args.label_splits)), out / "datalists")
     overrides = dict(PRESETS[args.preset])
     if args.parallel > 1:
         overrides.update(num_threads="1", registration_workers="1", num_workers="1")
@@ -196,8 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(per_variant) - {name for name, _ in variants}
     if unknown:
         raise SystemExit(f"--variant_set names {sorted(unknown)} that are not among --variants")
-    runs = [Run(name, overlays, seed, out / f"{name}_s{seed}", {**overrides, **per_variant.get(name, {})})
-            for name, overlays in variants for seed in args.seeds]
+    runs = []
+    for split, datalist in datalists.items():
+        for name, overlays in variants:
+            for seed in args.seeds:
+                run = Run(name, overlays, seed, out, {**overrides, **per_variant.get(name, {})}, datalist, split)
+                run.folder = out / run.name
+                runs.append(run)
     todo = [r for r in runs if not r.result_path.exists()]
     print(f"protocol: {len(runs)} runs, {len(runs) - len(todo)} already done, writing {out / 'table.md'}", flush=True)
 
@@ -213,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(run: Run) -> None:
         try:
-            execute(run, datalist, args.dataset, args.section)
+            execute(run, args.dataset, args.section)
             print(f"protocol: {run.name} done", flush=True)
         except RuntimeError as exc:
             failures.append(str(exc))

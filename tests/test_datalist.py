@@ -180,6 +180,21 @@ def test_build_acdc_standard_and_nonstandard_labeled(tmp_path, small_split):
     assert data["test"] == []
 
 
+def test_build_acdc_labeled_seed_draws_other_labeled_patients(tmp_path, small_split):
+    root = fake_acdc(tmp_path / "ACDC", ["patient002", "patient003", "patient004", "patient005"], frames=("01",))
+    drawn = {}
+    for seed in range(6):
+        data = read_datalist(build_acdc(root, tmp_path / f"s{seed}.json", labeled=2, split=small_split, include_test=False,
+                                        labeled_seed=seed))
+        patients = sorted({i[:10] for i in ids(data, "training")})
+        assert len(patients) == 2 and data["labeled_patients"] == patients and data["labeled_seed"] == seed
+        assert {i[:10] for i in ids(data, "unlabeled")} == {"patient003", "patient004", "patient005"} - set(patients)
+        drawn[seed] = tuple(patients)
+    assert len(set(drawn.values())) > 1  # different seeds, different labeled patients
+    again = read_datalist(build_acdc(root, tmp_path / "again.json", labeled=2, split=small_split, include_test=False, labeled_seed=3))
+    assert tuple(again["labeled_patients"]) == drawn[3]  # the same seed, the same patients
+
+
 def test_build_acdc_original_layout_subfolder(tmp_path, small_split):
     root = tmp_path / "ACDC"
     fake_acdc(root / "database" / "training", ["patient002", "patient003", "patient004", "patient005"])

@@ -58,3 +58,39 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "execute", lambda *a, **k: calls.append(a))
     protocol.main(args)  # everything done: nothing runs again
     assert calls == []
+
+
+def test_acdc_label_splits_build_one_datalist_each_and_name_runs_by_split(tmp_path, monkeypatch):
+    import scripts.data.datalist as datalist_module
+
+    built = []
+
+    def fake_build(root, out, labeled, labeled_seed=None):
+        built.append((labeled, labeled_seed))
+        Path(out).write_text(json.dumps({"labeled_seed": labeled_seed}))
+        return str(out)
+
+    monkeypatch.setattr(datalist_module, "build_acdc", fake_build)
+    executed = []
+    monkeypatch.setattr(protocol, "execute", lambda run, dataset, section: executed.append(run))
+    out = tmp_path / "runs"
+    protocol.main(["--acdc_root", str(tmp_path), "--labeled", "3", "--label_splits", "standard", "5", "--variants", "ls=variants/ls.yaml",
+                   "--seeds", "1", "2", "--out", str(out)])
+    assert built == [(3, None), (3, 5)]
+    assert sorted(r.name for r in executed) == ["ls_5_s1", "ls_5_s2", "ls_standard_s1", "ls_standard_s2"]
+    for r in executed:
+        assert json.loads(Path(r.datalist).read_text())["labeled_seed"] == (None if r.split == "standard" else 5)
+        assert r.folder == out / r.name
+    protocol.main(["--acdc_root", str(tmp_path), "--labeled", "3", "--label_splits", "standard", "--variants", "ls=variants/ls.yaml",
+                   "--seeds", "1", "--out", str(out)])
+    assert built == [(3, None), (3, 5)]  # datalists are built once
+    with pytest.raises(SystemExit, match="exactly one"):
+        protocol.main(["--variants", "ls=variants/ls.yaml", "--out", str(out)])
+
+
+def test_table_over_splits_pools_seeds_and_splits():
+    results = [dict(_result("tac", 1, 0.5, 0.7), split="standard"), dict(_result("tac", 1, 0.7, 0.9), split="4")]
+    runs = [protocol.Run("tac", [], 1, Path("x"), split=s) for s in ("standard", "4")]
+    md, js = protocol.table(results, runs, "full", "validation")
+    assert js["summary"]["tac"]["mean"]["n"] == 2 and js["summary"]["tac"]["mean"]["mean"] == pytest.approx(70.0)
+    assert "| tac | 4:1, standard:1 |" in md and "| tac_standard_s1 |" in md

@@ -19,6 +19,7 @@ layouts (:func:`build_acdc`, :func:`build_synapse`, :func:`build_folder`), also 
 the command line::
 
     python -m scripts.data.datalist acdc --root /data/ACDC --out data/acdc_7.json --labeled 7
+    python -m scripts.data.datalist acdc --root /data/ACDC --out data/acdc_7_s1.json --labeled 7 --labeled_seed 1   # other labeled patients
     python -m scripts.data.datalist synapse --root /data/BTCV --out data/synapse_4.json --labeled 4
     python -m scripts.data.datalist folder --images imgs/ --labels segs/ --out data/mine.json --labeled 5
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -257,12 +259,15 @@ def build_acdc(
     labeled: int = 7,
     include_test: bool = True,
     split: str | os.PathLike | None = None,
+    labeled_seed: int | None = None,
 ) -> str:
     """Write an ACDC datalist from the original layout ``root/patientNNN/patientNNN_frameNN[_gt].nii.gz``.
 
     Uses the standard split of ``configs/datasets/splits/acdc.json`` (or ``split``): 70 train, 10 validation and
     20 test patients. Every frame of the first ``labeled`` train patients (1, 3 and 7 use the standard
-    labeled lists; any other count takes the first N of the train list, with a warning) goes to
+    labeled lists; any other count takes the first N of the train list, with a warning; with
+    ``labeled_seed``, ``labeled`` patients drawn at random from the train list with that seed instead:
+    another labeled split, as semi-supervised papers repeat them) goes to
     ``training``; the other train patients' frames go to ``unlabeled`` (with ``true_label`` where the
     ground truth exists); validation patients to ``validation``; test patients found under ``root`` to
     ``test`` (missing ones are skipped with a warning). Returns the datalist path.
@@ -280,7 +285,10 @@ def build_acdc(
     if not 1 <= labeled <= len(train):
         raise DatalistError(f"labeled={labeled}: must be between 1 and {len(train)} (train patients in {split_path})")
     standard = spec.get("labeled", {})
-    if str(labeled) in standard:
+    if labeled_seed is not None:
+        drawn = set(random.Random(int(labeled_seed)).sample(list(train), labeled))
+        labeled_ids = [p for p in train if p in drawn]
+    elif str(labeled) in standard:
         labeled_ids = list(standard[str(labeled)])
         stray = [p for p in labeled_ids if p not in train]
         if stray:
@@ -343,6 +351,7 @@ def build_acdc(
         "modality": "MRI",
         "labels": dict(spec.get("labels", ACDC_LABELS)),
         "labeled_patients": labeled_ids,
+        **({"labeled_seed": int(labeled_seed)} if labeled_seed is not None else {}),
     }
     return _write(out, header, sections)
 
