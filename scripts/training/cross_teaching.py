@@ -35,6 +35,13 @@ MCSC on decoder features) and ``contrastive_weight`` ``w_cl > 0``, each trained 
 peer's argmax on the unlabeled half; the UA-MT teacher's for the student). With two students the
 term's ``pair`` gives both losses at once (CCT-R's joint space: one loss over both networks' pixels).
 
+With weak-to-strong consistency (``w2s_weight`` ``w_ws > 0``; two-student methods), each network's
+loss also gains ``w_ws * (CE_conf(net(strong x_u), peer's weak argmax) + CE_conf(net_fp(x_u), peer's
+weak argmax)) / 2`` (:mod:`scripts.training.weak_to_strong`: the strong view is intensity jitter, blur
+and CutMix of the unlabeled slices; ``net_fp`` drops channels of the bottleneck; CE only where the
+peer's top-1 probability reaches ``w2s_threshold``); RSL then uses the strong view, its registered
+labels CutMixed alike.
+
 With an ``affinity`` term (:class:`scripts.contrastive.task_affinity.TaskAffinityConsistency`, TAC's
 unpaired consistency ``R`` on network A's enhanced skip features) and ``affinity_weight`` ``w_tac > 0``,
 A's loss gains ``w_tac * R_A`` (any method; B, a Transformer, has no enhancement layers).
@@ -58,6 +65,7 @@ from torch.optim import Optimizer
 from scripts.training.consistency_weight import RampUpWeight, sigmoid_ramp_up
 from scripts.training.mean_teacher import ema_update, noisy_teacher_predictions, unwrap
 from scripts.data.semi_supervised_data import SemiSupervisedBatch, SemiSupervisedPrepareBatch
+from scripts.training.weak_to_strong import StrongPerturbation, confident_cross_entropy, feature_dropout
 from scripts.training.semi_supervised_losses import (
     PseudoLabelCELoss,
     PseudoLabelDiceLoss,
@@ -102,6 +110,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
         affinity: TAC's consistency term on network A (``None``: off).
         affinity_weight: ``w_tac``; 0 switches it off.
+        w2s_weight: ``w_ws``, weak-to-strong consistency (two students); 0 switches it off.
+        w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
+        w2s_dropout: channel dropout of the feature-perturbed pass.
+        strong_perturbation: the strong view (default :class:`scripts.training.weak_to_strong.StrongPerturbation`).
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
 
@@ -132,6 +144,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive_weight: float = 0.0,
         affinity: Callable | None = None,
         affinity_weight: float = 0.0,
+        w2s_weight: float = 0.0,
+        w2s_threshold: float = 0.95,
+        w2s_dropout: float = 0.5,
+        strong_perturbation: Callable | None = None,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = False,
@@ -199,6 +215,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.affinity = affinity
         self.affinity_weight = float(affinity_weight)
         self.affinity_on = affinity is not None and self.affinity_weight > 0
+        if float(w2s_weight) < 0:
+            raise ValueError(f"w2s_weight must be >= 0, got {w2s_weight!r}")
+        if float(w2s_weight) > 0 and consistency not in ("cross_teaching", "cps"):
+            raise ValueError(f"weak-to-strong consistency needs two students (cross_teaching or cps), not {consistency!r}")
+        self.w2s_weight, self.w2s_threshold, self.w2s_dropout = float(w2s_weight), float(w2s_threshold), float(w2s_dropout)
+        self.strong_perturbation = StrongPerturbation() if strong_perturbation is None else strong_perturbation
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     # ------------------------------------------------------------------ loss terms
@@ -227,8 +249,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
         }
         loss_a = terms["sup_a"] + w * terms["cps_a"]
         loss_b = terms["sup_b"] + w * terms["cps_b"]
-        if self.rsl_weight > 0:
+        if self.w2s_weight > 0:
+            w2s = self._weak_to_strong(out_a[n:], out_b[n:], batch)
+            terms.update(w2s)
+            loss_a = loss_a + self.w2s_weight * 0.5 * (w2s["strong_a"] + w2s["fp_a"])
+            loss_b = loss_b + self.w2s_weight * 0.5 * (w2s["strong_b"] + w2s["fp_b"])
+        elif self.rsl_weight > 0:
             terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
+        if self.rsl_weight > 0:
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
         if self.affinity_on:
@@ -241,6 +269,34 @@ class CrossTeachingTrainer(SupervisedTrainer):
             loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
+
+    def _weak_to_strong(self, weak_a: torch.Tensor, weak_b: torch.Tensor, batch: SemiSupervisedBatch) -> dict:
+        """Strong-view and feature-perturbed losses of both students (and RSL on the strong view)."""
+        x_u = batch.unlabeled_image
+        view = self.strong_perturbation(x_u)
+        conf_a, label_a = torch.softmax(weak_a.detach().float(), 1).max(dim=1)
+        conf_b, label_b = torch.softmax(weak_b.detach().float(), 1).max(dim=1)
+        strong_a, strong_b = self.network(view.image), self.net_b(view.image)
+        with feature_dropout(self.network, self.w2s_dropout):
+            fp_a = self.network(x_u)
+        with feature_dropout(self.net_b, self.w2s_dropout):
+            fp_b = self.net_b(x_u)
+        t = self.w2s_threshold
+        terms = {
+            "strong_a": confident_cross_entropy(strong_a, view.mix(label_b), view.mix(conf_b), t),
+            "strong_b": confident_cross_entropy(strong_b, view.mix(label_a), view.mix(conf_a), t),
+            "fp_a": confident_cross_entropy(fp_a, label_b, conf_b, t),
+            "fp_b": confident_cross_entropy(fp_b, label_a, conf_a, t),
+            "confident_a": (conf_a >= t).float().mean(),   # share of pixels A teaches B with
+            "confident_b": (conf_b >= t).float().mean(),
+        }
+        if self.rsl_weight > 0:
+            if batch.registered_label is None:
+                self._rsl(strong_a, batch)  # raises the missing-registered-label message
+            label, valid = view.mix(batch.registered_label), view.mix_valid(batch.registered_valid)
+            terms["rsl_a"] = self.rsl_loss(strong_a, label, valid)
+            terms["rsl_b"] = self.rsl_loss(strong_b, label, valid)
+        return terms
 
     def _mean_teacher(self, batch: SemiSupervisedBatch, w: float, iteration: int) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled

@@ -1,0 +1,138 @@
+"""Weak-to-strong consistency: the strong view's mixing, the confident CE, the feature-perturbed pass, the trainer's loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
+
+from scripts.training.cross_teaching import CrossTeachingTrainer
+from scripts.training.weak_to_strong import MixedView, StrongPerturbation, confident_cross_entropy, feature_dropout
+
+torch.set_num_threads(1)
+
+
+def test_cutmix_pastes_the_partner_slice_and_mixes_labels_alike():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 24, 24)
+    view = StrongPerturbation(brightness=0, contrast=0, blur_prob=0, cutmix_prob=1.0)(x)
+    box = view.box.bool()
+    assert box.any() and not box.all()
+    assert torch.allclose(view.image[box], x[view.perm][box]) and torch.allclose(view.image[~box], x[~box])
+    labels = torch.randint(0, 4, (4, 24, 24))
+    mixed = view.mix(labels)
+    assert torch.equal(mixed[box[:, 0]], labels[view.perm][box[:, 0]]) and torch.equal(mixed[~box[:, 0]], labels[~box[:, 0]])
+    valid = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert view.mix_valid(valid).tolist() == (valid * valid[view.perm]).tolist()  # every slice got a box
+    assert view.mix_valid(None) is None
+
+
+def test_intensity_and_blur_change_only_intensities():
+    torch.manual_seed(1)
+    x = torch.rand(3, 1, 16, 16)
+    view = StrongPerturbation(cutmix_prob=0.0, blur_prob=1.0)(x)
+    assert not view.box.any() and view.image.shape == x.shape and not torch.allclose(view.image, x)
+
+
+def test_confident_cross_entropy_counts_only_confident_pixels():
+    logits, target = torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
+    conf = torch.zeros(2, 5, 5)
+    conf[0] = 1.0
+    full = F.cross_entropy(logits, target, reduction="none")
+    assert confident_cross_entropy(logits, target, conf, 0.0) == pytest.approx(full.mean().item())
+    assert confident_cross_entropy(logits, target, conf, 0.95) == pytest.approx((full[0].sum() / full.numel()).item())
+    assert confident_cross_entropy(logits, target, conf, 1.5).item() == 0.0
+
+
+def _unet(seed: int) -> BasicUNet:
+    torch.manual_seed(seed)
+    return BasicUNet(2, 1, 3, features=(4, 4, 8, 8, 16, 4), dropout=0.0)
+
+
+def test_feature_dropout_perturbs_only_inside_the_block():
+    net = _unet(0).eval()
+    x = torch.rand(2, 1, 32, 32)
+    clean = net(x)
+    with feature_dropout(net, 0.5):
+        noisy = net(x)
+    assert not torch.allclose(clean, noisy)
+    assert torch.allclose(net(x), clean)  # the hook is gone
+    with feature_dropout(net, 0.0):
+        assert torch.allclose(net(x), clean)
+
+
+class _Identity:
+    """A strong view that is the weak view (no box): strong and feature-perturbed (p = 0) passes equal the weak one."""
+
+    def __call__(self, x):
+        return MixedView(x.clone(), torch.zeros_like(x), torch.arange(x.shape[0]))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return {"labeled": {"image": torch.rand(2, 1, 32, 32, generator=g), "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float()},
+            "unlabeled": {"image": torch.rand(2, 1, 32, 32, generator=g),
+                          "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+                          "registered_label_valid": torch.tensor([1.0, 1.0])}}
+
+
+@pytest.mark.parametrize("w2s", [0.0, 0.8])
+def test_trainer_adds_the_weak_to_strong_terms(w2s):
+    net_a, net_b = _unet(1).eval(), _unet(2).eval()
+    for net in (net_a, net_b):
+        net.train = lambda mode=True, net=net: net  # keep eval mode: passes are comparable
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
+    batch = _batch()
+    trainer = CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1, net_a=net_a,
+                                   optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0), net_b=net_b,
+                                   optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0), supervised_loss=loss_fn,
+                                   consistency_weight=0.3, rsl_weight=0.5, w2s_weight=w2s, w2s_threshold=0.0, w2s_dropout=0.0,
+                                   strong_perturbation=_Identity())
+    trainer.run()
+    terms = trainer.state.output["terms"]
+    expected = terms["sup_a"] + 0.3 * terms["cps_a"] + 0.5 * terms["rsl_a"]
+    if w2s == 0:
+        assert "strong_a" not in terms
+        assert terms["loss_a"].item() == pytest.approx(expected.item(), rel=1e-5)
+        return
+    x_u = batch["unlabeled"]["image"]
+    weak_a, weak_b = net_a(x_u), net_b(x_u)
+    ce = F.cross_entropy(weak_a, weak_b.argmax(1))  # threshold 0: every pixel; identity view: strong = weak
+    assert terms["strong_a"].item() == pytest.approx(ce.item(), rel=1e-4)
+    assert terms["fp_a"].item() == pytest.approx(ce.item(), rel=1e-4)
+    assert terms["confident_a"].item() == 1.0
+    assert terms["loss_a"].item() == pytest.approx((expected + w2s * 0.5 * (terms["strong_a"] + terms["fp_a"])).item(), rel=1e-5)
+
+
+def test_weak_to_strong_needs_two_students():
+    net = _unet(0)
+    with pytest.raises(ValueError, match="two students"):
+        CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[_batch()], net_a=net, net_b=None,
+                             optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1), supervised_loss=DiceCELoss(),
+                             consistency="none", w2s_weight=1.0)
+
+
+def test_w2s_overlay_trains_cct_r_with_the_terms(tmp_path_factory):
+    import os
+
+    from monai.bundle import ConfigParser
+
+    from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
+
+    data = make_rsl_datalist(tmp_path_factory.mktemp("phantom"))
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/no_contrastive.yaml", "variants/w2s.yaml")])
+    parser.update({**FAST, "bundle_root": str(tmp_path_factory.mktemp("run")), "datalist_file": data["rsl"],
+                   "num_iterations": 1, "val_interval": 1})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.run()
+    finally:
+        os.chdir(cwd)
+    assert trainer.w2s_weight == 1.0 and trainer.w2s_threshold == 0.95
+    terms = trainer.state.output["terms"]
+    assert {"strong_a", "strong_b", "fp_a", "fp_b", "rsl_a", "rsl_b"} <= set(terms)
