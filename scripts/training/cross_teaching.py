@@ -249,6 +249,15 @@ class CrossTeachingTrainer(SupervisedTrainer):
         }
         loss_a = terms["sup_a"] + w * terms["cps_a"]
         loss_b = terms["sup_b"] + w * terms["cps_b"]
+        if self.affinity_on:
+            terms["tac_a"] = self.affinity(out_a, batch.label, n)
+            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
+        if self.contrastive_on:
+            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, torch.softmax(out_b[n:].detach().float(), 1),
+                                                                 out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
+            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+            loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
+        # last: the extra passes of weak-to-strong replace the feature maps the taps above read
         if self.w2s_weight > 0:
             w2s = self._weak_to_strong(out_a[n:], out_b[n:], batch)
             terms.update(w2s)
@@ -259,14 +268,6 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
             loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
-        if self.affinity_on:
-            terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
-        if self.contrastive_on:
-            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, torch.softmax(out_b[n:].detach().float(), 1),
-                                                                 out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
-            loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
-            loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
 
