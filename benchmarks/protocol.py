@@ -17,6 +17,8 @@ variant (a config switch screened without a new overlay). Presets (``--preset``)
 * ``screen``: patch 128, batch 8, 600 iterations, validation every 200;
 * ``full``: patch 128, batch 8, 1,200 iterations, validation every 300 (the CPU budget of the results).
 
+Two-network models are also evaluated with each network alone (``--branch a`` / ``b``), in a second table.
+
 Example (2 seeds, two runs side by side with one thread each)::
 
     python benchmarks/protocol.py --datalist /tmp/acdc/acdc_1.json --dataset datasets/acdc.yaml \\
@@ -101,10 +103,13 @@ def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
     return cmd
 
 
-def evaluate_command(run: Run, datalist: str, section: str) -> list[str]:
+def evaluate_command(run: Run, datalist: str, section: str, branch: str | None = None) -> list[str]:
+    """Evaluate the run's best checkpoint; ``branch`` ``a`` / ``b``: one network of a two-network model alone."""
+    folder = f"evaluation_{section}" + (f"_{branch}" if branch else "")
     return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
             "['configs/inference.yaml','configs/evaluate.yaml']", "--datalist_file", datalist, "--datalist_section", section,
-            "--ckpt_dir", str(run.folder / "models"), "--output_dir", str(run.folder / "eval" / f"evaluation_{section}")]
+            "--ckpt_dir", str(run.folder / "models"), "--output_dir", str(run.folder / "eval" / folder)] + (
+            ["--branch", branch] if branch else [])
 
 
 def read_summary(path: Path) -> dict:
@@ -117,8 +122,13 @@ def read_summary(path: Path) -> dict:
     return out
 
 
+def two_networks(run: Run) -> bool:
+    model_config = run.folder / "models" / "model_config.json"
+    return model_config.exists() and set(json.loads(model_config.read_text()).get("networks", {})) == {"a", "b"}
+
+
 def execute(run: Run, dataset: str | None, section: str) -> dict:
-    """Train (or resume), evaluate, write ``result.json``; returns the result."""
+    """Train (or resume), evaluate (the model, and each network alone for two-network models), write ``result.json``."""
     run.folder.mkdir(parents=True, exist_ok=True)
     datalist = run.datalist
     start = time.time()
@@ -127,11 +137,15 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
         log.flush()
         if subprocess.run(train_command(run, datalist, dataset), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise RuntimeError(f"{run.name}: training failed, see {run.folder / 'train.log'}")
-        if subprocess.run(evaluate_command(run, datalist, section), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise RuntimeError(f"{run.name}: evaluation failed, see {run.folder / 'train.log'}")
+        branches = [None] + (["a", "b"] if two_networks(run) else [])
+        for branch in branches:
+            if subprocess.run(evaluate_command(run, datalist, section, branch), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{run.name}: evaluation{' of branch ' + branch if branch else ''} failed, see {run.folder / 'train.log'}")
     summary = read_summary(run.folder / "eval" / f"evaluation_{section}" / "metrics_summary.csv")
+    by_branch = {b: read_summary(run.folder / "eval" / f"evaluation_{section}_{b}" / "metrics_summary.csv")["mean"]["dice"]
+                 for b in branches if b}
     result = {"variant": run.variant, "seed": run.seed, "split": run.split, "datalist": datalist, "overlays": run.overlays, "overrides": run.overrides,
-              "section": section, "metrics": summary, "minutes": (time.time() - start) / 60}
+              "section": section, "metrics": summary, "branch_dice": by_branch, "minutes": (time.time() - start) / 60}
     write_json(run.result_path, result)
     return result
 
@@ -168,6 +182,14 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tu
         name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
         lines.append(f"| {name} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
                      + f" | {hd} | {r['minutes']:.0f} |")
+    branch_rows = [r for r in results if r.get("branch_dice")]
+    if branch_rows:
+        lines += ["", "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B):", "",
+                  "| run | ensemble | a | b |", "|---|---:|---:|---:|"]
+        for r in branch_rows:
+            name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
+            lines.append(f"| {name} | {100 * r['metrics']['mean']['dice']:.1f} | {100 * r['branch_dice']['a']:.1f} | "
+                         f"{100 * r['branch_dice']['b']:.1f} |")
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n", {"preset": preset, "section": section, "summary": summary, "runs": results}

@@ -94,3 +94,16 @@ def test_table_over_splits_pools_seeds_and_splits():
     md, js = protocol.table(results, runs, "full", "validation")
     assert js["summary"]["tac"]["mean"]["n"] == 2 and js["summary"]["tac"]["mean"]["mean"] == pytest.approx(70.0)
     assert "| tac | 4:1, standard:1 |" in md and "| tac_standard_s1 |" in md
+
+
+def test_table_reports_each_network_of_two_network_models():
+    r = dict(_result("cct-r", 1, 0.5, 0.7), branch_dice={"a": 0.65, "b": 0.4})
+    md, _ = protocol.table([r, _result("ls", 1, 0.5, 0.5)], [protocol.Run("cct-r", [], 1, Path("x"))], "full", "validation")
+    assert "| cct-r_s1 | 60.0 | 65.0 | 40.0 |" in md and "| ls_s1 | 50.0 |" not in md.split("Each network alone")[1]
+
+
+def test_evaluate_command_selects_the_branch(tmp_path):
+    run = protocol.Run("cct-r", [], 1, tmp_path)
+    cmd = protocol.evaluate_command(run, "dl.json", "validation", "b")
+    assert cmd[-2:] == ["--branch", "b"] and cmd[cmd.index("--output_dir") + 1].endswith("evaluation_validation_b")
+    assert "--branch" not in protocol.evaluate_command(run, "dl.json", "validation")
