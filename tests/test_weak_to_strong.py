@@ -27,6 +27,8 @@ def test_cutmix_pastes_the_partner_slice_and_mixes_labels_alike():
     valid = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert view.mix_valid(valid).tolist() == (valid * valid[view.perm]).tolist()  # every slice got a box
     assert view.mix_valid(None) is None
+    weight = torch.tensor([2.0, 0.5, 1.0, 0.0])
+    assert view.mix_weight(weight).tolist() == torch.minimum(weight, weight[view.perm]).tolist()
 
 
 def test_intensity_and_blur_change_only_intensities():

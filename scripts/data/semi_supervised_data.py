@@ -45,12 +45,44 @@ REGISTERED_LABEL = "registered_label"
 REGISTERED_VALID = "registered_label_valid"
 
 
+#: The key of the per-sample RSL weight (registration reliability; 1 when not weighted).
+REGISTERED_WEIGHT = "registered_label_weight"
+#: How :func:`unlabeled_entries` turns BRS scores into RSL weights.
+RELIABILITY_MODES = ("none", "rank")
+
+
+def reliability_weights(scores: Mapping[str, float]) -> dict[str, float]:
+    """RSL weights from BRS scores (lower score = more reliable registration), linear in the rank.
+
+    The most reliable volume gets 2, the least reliable 0, evenly spaced by rank in between (mean 1,
+    so the RSL term keeps its overall scale); one volume gets 1. Ties share the mean of their ranks.
+    """
+    ids = sorted(scores, key=lambda k: scores[k])
+    n = len(ids)
+    if n == 1:
+        return {ids[0]: 1.0}
+    ranks: dict[str, float] = {}
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and scores[ids[j + 1]] == scores[ids[i]]:
+            j += 1
+        for k in ids[i : j + 1]:
+            ranks[k] = (i + j) / 2
+        i = j + 1
+    return {k: 2.0 * (1.0 - r / (n - 1)) for k, r in ranks.items()}
+
+
 class MissingRegisteredLabelError(BundleInputError):
     """Registration supervision was requested but the datalist has no registered labels."""
 
 
-def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool = False) -> list[dict]:
+def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool = False, reliability: str = "none") -> list[dict]:
     """The ``unlabeled`` section as training entries: ``{"id", "image"}`` (+ ``"registered_label"``).
+
+    With ``reliability="rank"`` (and registered labels), every entry also gets
+    ``registered_label_weight``: :func:`reliability_weights` of the entries' ``brs_score`` (0 for an
+    entry without a registered label), which scales that volume's RSL term.
 
     ``true_label`` is dropped: unlabeled volumes are never trained on with their true labels.
     With ``with_registered_label``, each entry keeps its ``registered_label`` path; an entry whose
@@ -83,6 +115,17 @@ def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool =
             "rsl_datalist.json written by the registration step (python -m monai.bundle run registration "
             "--config_file configs/registration.yaml), passed as --datalist_file"
         )
+    if reliability not in RELIABILITY_MODES:
+        raise ValueError(f"rsl_reliability must be one of {RELIABILITY_MODES}, got {reliability!r}")
+    if with_registered_label and reliability == "rank":
+        scored = {i: e for i, e in enumerate(entries) if REGISTERED_LABEL in out[i]}
+        missing = [e.get("id") for e in scored.values() if e.get("brs_score") is None]
+        if missing:
+            raise ValueError(f"datalist {datalist}: rsl_reliability 'rank' needs a 'brs_score' on every entry with a "
+                             f"registered label; {missing[:3]} have none (write the datalist with the registration step)")
+        weights = reliability_weights({i: float(e["brs_score"]) for i, e in scored.items()})
+        for i, item in enumerate(out):
+            item[REGISTERED_WEIGHT] = weights.get(i, 0.0)
     return out
 
 
@@ -190,6 +233,7 @@ class SemiSupervisedBatch:
     unlabeled_image: torch.Tensor
     registered_label: torch.Tensor | None = None
     registered_valid: torch.Tensor | None = None
+    registered_weight: torch.Tensor | None = None   # (U,) RSL weights (registration reliability), None: all 1
 
     @property
     def num_labeled(self) -> int:
@@ -213,9 +257,9 @@ class SemiSupervisedPrepareBatch:
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label", registered_key: str = REGISTERED_LABEL,
-                 valid_key: str = REGISTERED_VALID):
+                 valid_key: str = REGISTERED_VALID, weight_key: str = REGISTERED_WEIGHT):
         self.image_key, self.label_key = image_key, label_key
-        self.registered_key, self.valid_key = registered_key, valid_key
+        self.registered_key, self.valid_key, self.weight_key = registered_key, valid_key, weight_key
 
     def __call__(self, batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False,
                  **kwargs) -> SemiSupervisedBatch:
@@ -228,15 +272,18 @@ class SemiSupervisedPrepareBatch:
             missing = [k for k in keys if k not in half]
             if missing:
                 raise KeyError(f"the {name} half of the batch lacks {missing}; it has {sorted(map(str, half))}")
-        registered = valid = None
+        registered = valid = weight = None
         if self.registered_key in unlabeled:
             registered = _plain(unlabeled[self.registered_key], device, non_blocking)
             if self.valid_key in unlabeled:
                 valid = _plain(unlabeled[self.valid_key], device, non_blocking).reshape(-1)
+            if self.weight_key in unlabeled:
+                weight = _plain(unlabeled[self.weight_key], device, non_blocking).reshape(-1).float()
         return SemiSupervisedBatch(
             labeled_image=_plain(labeled[self.image_key], device, non_blocking),
             label=_plain(labeled[self.label_key], device, non_blocking),
             unlabeled_image=_plain(unlabeled[self.image_key], device, non_blocking),
             registered_label=registered,
             registered_valid=valid,
+            registered_weight=weight,
         )

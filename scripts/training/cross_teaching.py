@@ -110,6 +110,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
         affinity: TAC's consistency term on network A (``None``: off).
         affinity_weight: ``w_tac``; 0 switches it off.
+        rsl_schedule: ``"constant"`` (``w_rsl`` throughout) or ``"fade"``: ``w_rsl * (1 - ramp(i))`` with
+            the cross-teaching ramp ``exp(-5 (1 - i / N)^2)``: registered labels lead early and hand over
+            to the peers' pseudo-labels as the cross-teaching weight rises (``N``: ``num_iterations``).
         w2s_weight: ``w_ws``, weak-to-strong consistency (two students); 0 switches it off.
         w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
         w2s_dropout: channel dropout of the feature-perturbed pass.
@@ -144,6 +147,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive_weight: float = 0.0,
         affinity: Callable | None = None,
         affinity_weight: float = 0.0,
+        rsl_schedule: str = "constant",
         w2s_weight: float = 0.0,
         w2s_threshold: float = 0.95,
         w2s_dropout: float = 0.5,
@@ -199,6 +203,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
             for p in unwrap(net_b).parameters():
                 p.requires_grad_(False)
         self.num_iterations = num_iterations
+        if rsl_schedule not in ("constant", "fade"):
+            raise ValueError(f"rsl_schedule must be 'constant' or 'fade', got {rsl_schedule!r}")
+        if rsl_schedule == "fade" and num_iterations is None:
+            raise ValueError("rsl_schedule 'fade' needs num_iterations (or a RampUpWeight consistency_weight)")
+        self.rsl_schedule = rsl_schedule
+        self._w_rsl_now = self.rsl_weight
         if float(contrastive_weight) < 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight!r}")
         if float(contrastive_weight) > 0 and contrastive is None:
@@ -224,6 +234,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     # ------------------------------------------------------------------ loss terms
+    def w_rsl(self, iteration: int) -> float:
+        """The RSL weight at the 0-based ``iteration``."""
+        if self.rsl_schedule == "fade":
+            return self.rsl_weight * (1.0 - sigmoid_ramp_up(iteration, self.num_iterations))
+        return self.rsl_weight
+
     def w_cps(self, iteration: int) -> float:
         """The consistency weight at the 0-based ``iteration``."""
         w = self.consistency_weight
@@ -235,7 +251,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
                 "rsl_weight > 0 but the unlabeled batch has no 'registered_label': train on the registration "
                 "step's rsl_datalist.json, with registered_label among the unlabeled transform keys"
             )
-        return self.rsl_loss(logits_u, batch.registered_label, batch.registered_valid)
+        return self.rsl_loss(logits_u, batch.registered_label, batch.registered_valid, batch.registered_weight)
 
     def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
@@ -266,8 +282,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         elif self.rsl_weight > 0:
             terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
         if self.rsl_weight > 0:
-            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
-            loss_b = loss_b + self.rsl_weight * terms["rsl_b"]
+            loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
+            loss_b = loss_b + self._w_rsl_now * terms["rsl_b"]
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
 
@@ -295,8 +311,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
             if batch.registered_label is None:
                 self._rsl(strong_a, batch)  # raises the missing-registered-label message
             label, valid = view.mix(batch.registered_label), view.mix_valid(batch.registered_valid)
-            terms["rsl_a"] = self.rsl_loss(strong_a, label, valid)
-            terms["rsl_b"] = self.rsl_loss(strong_b, label, valid)
+            weight = view.mix_weight(batch.registered_weight)
+            terms["rsl_a"] = self.rsl_loss(strong_a, label, valid, weight)
+            terms["rsl_b"] = self.rsl_loss(strong_b, label, valid, weight)
         return terms
 
     def _mean_teacher(self, batch: SemiSupervisedBatch, w: float, iteration: int) -> tuple[torch.Tensor, dict]:
@@ -315,7 +332,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         loss_a = terms["sup_a"] + w * terms["cps_a"]
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
-            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+            loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
             loss_a = loss_a + self.affinity_weight * terms["tac_a"]
@@ -333,7 +350,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         loss_a = terms["sup_a"]
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
-            loss_a = loss_a + self.rsl_weight * terms["rsl_a"]
+            loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
             loss_a = loss_a + self.affinity_weight * terms["tac_a"]
@@ -374,6 +391,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         iteration = engine.state.iteration - 1
         w = engine.w_cps(iteration)
+        engine._w_rsl_now = engine.w_rsl(iteration)
         engine.network.train()
         if engine.net_b is not None:
             engine.net_b.train()
@@ -414,6 +432,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if engine.consistency == "mean_teacher":
             terms["ema_alpha"] = torch.tensor(ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration))
         terms["w_cps"] = torch.tensor(w)
+        if engine.rsl_weight > 0:
+            terms["w_rsl"] = torch.tensor(engine._w_rsl_now)
         if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
                 terms[f"reps_found_{which}"] = torch.tensor(share)  # anchors with a registered positive

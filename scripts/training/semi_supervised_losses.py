@@ -90,7 +90,14 @@ class SelectedSamplesLoss(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` ``(U,)``: per-sample weights; the loss is then ``mean_i(w_i * loss(sample i))`` over all
+        samples (invalid ones count as 0), each sample's loss computed alone."""
+        if weight is not None:
+            w = weight.reshape(-1).to(input.dtype) * (1.0 if valid is None else (valid.reshape(-1) > 0).to(input.dtype))
+            per_sample = [w[i] * self.loss(input[i : i + 1], target[i : i + 1]) for i in range(input.shape[0]) if w[i] > 0]
+            return torch.stack(per_sample).sum() / input.shape[0] if per_sample else input.sum() * 0.0
         if valid is None:
             return self.loss(input, target)
         keep = valid.reshape(-1) > 0

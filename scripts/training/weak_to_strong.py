@@ -51,6 +51,13 @@ class MixedView:
             return box * t[self.perm] + (1 - box) * t
         return torch.where(box.bool(), t[self.perm], t)
 
+    def mix_weight(self, weight: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-slice RSL weight ``(U,)`` after mixing: the smaller of the two slices' where a box was pasted."""
+        if weight is None:
+            return None
+        pasted = self.box.flatten(1).any(dim=1)
+        return torch.where(pasted, torch.minimum(weight, weight[self.perm]), weight)
+
     def mix_valid(self, valid: torch.Tensor | None) -> torch.Tensor | None:
         """Per-slice validity ``(U,)`` after mixing: valid where the slice and (if a box was pasted) its partner are."""
         if valid is None:

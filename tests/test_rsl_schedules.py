@@ -1,0 +1,111 @@
+"""RSL switches: weights from registration reliability (BRS rank) and the fading schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from scripts.data.semi_supervised_data import REGISTERED_WEIGHT, reliability_weights, unlabeled_entries
+from scripts.training.cross_teaching import CrossTeachingTrainer
+from scripts.training.semi_supervised_losses import SelectedSamplesLoss
+from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
+
+torch.set_num_threads(1)
+LOSS = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
+
+
+def test_reliability_weights_are_linear_in_the_brs_rank_with_mean_one():
+    w = reliability_weights({"good": 1.0, "mid": 5.0, "bad": 9.0})
+    assert w == {"good": 2.0, "mid": 1.0, "bad": 0.0}
+    tied = reliability_weights({"a": 1.0, "b": 1.0, "c": 3.0, "d": 4.0})
+    assert tied["a"] == tied["b"] and sum(tied.values()) == pytest.approx(4.0)
+    assert reliability_weights({"only": 3.0}) == {"only": 1.0}
+
+
+def test_unlabeled_entries_carry_the_weights(tmp_path):
+    data = make_rsl_datalist(tmp_path)
+    dl = json.loads(open(data["rsl"]).read())
+    dl["unlabeled"][0]["brs_score"], dl["unlabeled"][1]["brs_score"] = 7.0, 2.0
+    path = tmp_path / "scored.json"
+    path.write_text(json.dumps(dl))
+    entries = unlabeled_entries(path, with_registered_label=True, reliability="rank")
+    assert [e[REGISTERED_WEIGHT] for e in entries] == [0.0, 2.0]
+    assert all(REGISTERED_WEIGHT not in e for e in unlabeled_entries(path, with_registered_label=True))
+    with pytest.raises(ValueError, match="brs_score"):
+        unlabeled_entries(data["rsl"], with_registered_label=True, reliability="rank")
+    with pytest.raises(ValueError, match="rsl_reliability"):
+        unlabeled_entries(path, with_registered_label=True, reliability="best")
+
+
+def test_weighted_loss_is_the_mean_of_weighted_per_sample_losses():
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 3, 8, 8), torch.randint(0, 3, (3, 1, 8, 8)).float()
+    loss = SelectedSamplesLoss(LOSS)
+    assert loss(logits, target, None, torch.ones(3)).item() == pytest.approx(loss(logits, target).item(), rel=1e-5)
+    w = torch.tensor([2.0, 0.0, 1.0])
+    expected = (2 * LOSS(logits[:1], target[:1]) + LOSS(logits[2:], target[2:])) / 3
+    assert loss(logits, target, None, w).item() == pytest.approx(expected.item(), rel=1e-5)
+    valid = torch.tensor([0.0, 1.0, 1.0])  # an invalid sample counts as weight 0
+    assert loss(logits, target, valid, w).item() == pytest.approx((LOSS(logits[2:], target[2:]) / 3).item(), rel=1e-5)
+
+
+def _batch(weight=None):
+    g = torch.Generator().manual_seed(0)
+    unl = {"image": torch.rand(2, 1, 8, 8, generator=g), "registered_label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
+           "registered_label_valid": torch.tensor([1.0, 1.0])}
+    if weight is not None:
+        unl[REGISTERED_WEIGHT] = torch.tensor(weight)
+    return {"labeled": {"image": torch.rand(2, 1, 8, 8, generator=g), "label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float()},
+            "unlabeled": unl}
+
+
+@pytest.mark.parametrize("schedule, weight", [("constant", None), ("fade", None), ("constant", [2.0, 0.0])])
+def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
+    torch.manual_seed(1)
+    net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
+    batch = _batch(weight)
+    trainer = CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1, net_a=net_a,
+                                   optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0), net_b=net_b,
+                                   optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0), supervised_loss=LOSS,
+                                   consistency_weight=0.3, rsl_weight=0.6, rsl_schedule=schedule, num_iterations=10)
+    trainer.run()
+    terms = trainer.state.output["terms"]
+    w_rsl = 0.6 * (1 - math.exp(-5)) if schedule == "fade" else 0.6
+    assert terms["w_rsl"].item() == pytest.approx(w_rsl)
+    assert trainer.w_rsl(10) == pytest.approx(0.0 if schedule == "fade" else 0.6)  # faded out at the end
+    x = torch.cat([batch["labeled"]["image"], batch["unlabeled"]["image"]])
+    out = net_a(x)
+    r = batch["unlabeled"]["registered_label"]
+    rsl = LOSS(out[2:], r) if weight is None else 2.0 * LOSS(out[2:3], r[:1]) / 2
+    assert terms["rsl_a"].item() == pytest.approx(rsl.item(), rel=1e-5)
+    assert terms["loss_a"].item() == pytest.approx((terms["sup_a"] + 0.3 * terms["cps_a"] + w_rsl * terms["rsl_a"]).item(), rel=1e-5)
+
+
+def test_config_switches_reach_data_and_trainer(tmp_path):
+    from monai.bundle import ConfigParser
+
+    data = make_rsl_datalist(tmp_path / "data")
+    dl = json.loads(open(data["rsl"]).read())
+    for i, e in enumerate(dl["unlabeled"]):
+        e["brs_score"] = float(i)
+    path = tmp_path / "scored.json"
+    path.write_text(json.dumps(dl))
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/no_contrastive.yaml")])
+    parser.update({**FAST, "bundle_root": str(tmp_path / "run"), "datalist_file": str(path), "num_iterations": 1, "val_interval": 1,
+                   "rsl_schedule": "fade", "rsl_reliability": "rank"})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert [e[REGISTERED_WEIGHT] for e in parser.get_parsed_content("train#unlabeled#datalist")] == [2.0, 0.0]
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.run()
+    finally:
+        os.chdir(cwd)
+    assert trainer.rsl_schedule == "fade" and "rsl_a" in trainer.state.output["terms"]
