@@ -153,7 +153,9 @@ class SitkRegistrationEngine:
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.num_bins)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(self.sampling, self.seed)
+        # ITK reads seed 0 as "seed from the wall clock" (sitkWallClock): shift by one so that every seed,
+        # 0 included, gives the same samples on every run
+        reg.SetMetricSamplingPercentage(self.sampling, self.seed + 1)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetNumberOfThreads(self.threads)
         mask = central_mask(fixed, self.roi_fraction)
