@@ -108,7 +108,7 @@ def test_no_registration_worker_outlives_a_killed_registration(tmp_path, phantom
     workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    _wait_for(lambda: not any(_alive(p) for p in workers), timeout=15, what=f"workers {workers} to exit")
+    _wait_for(lambda: not any(_alive(p) for p in workers), timeout=60, what=f"workers {workers} to exit")
 
 
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
