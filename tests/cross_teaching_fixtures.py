@@ -81,3 +81,23 @@ def run_bundle(run_dir: Path, config_files: list[str], datalist: str, *args: str
         )
     finally:
         os.chdir(cwd)
+
+
+def run_trainer(run_dir: Path, config_files: list[str], datalist: str, **overrides):
+    """Build ``train#trainer`` from the configs (with :data:`FAST` and ``overrides``) from the bundle root,
+    run it, and return it (its ``state.output`` holds the last iteration's loss terms)."""
+    import os
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in config_files])
+    parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalist, **overrides})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.run()
+    finally:
+        os.chdir(cwd)
+    return trainer

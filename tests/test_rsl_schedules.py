@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from scripts.data.semi_supervised_data import REGISTERED_WEIGHT, reliability_weights, unlabeled_entries
 from scripts.training.cross_teaching import CrossTeachingTrainer
 from scripts.training.semi_supervised_losses import SelectedSamplesLoss
-from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
+from tests.cross_teaching_fixtures import make_rsl_datalist, run_trainer
 
 torch.set_num_threads(1)
 LOSS = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
@@ -88,24 +87,14 @@ def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
 
 
 def test_config_switches_reach_data_and_trainer(tmp_path):
-    from monai.bundle import ConfigParser
-
     data = make_rsl_datalist(tmp_path / "data")
     dl = json.loads(open(data["rsl"]).read())
     for i, e in enumerate(dl["unlabeled"]):
         e["brs_score"] = float(i)
     path = tmp_path / "scored.json"
     path.write_text(json.dumps(dl))
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/no_contrastive.yaml")])
-    parser.update({**FAST, "bundle_root": str(tmp_path / "run"), "datalist_file": str(path), "num_iterations": 1, "val_interval": 1,
-                   "rsl_schedule": "fade", "rsl_reliability": "rank"})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert [e[REGISTERED_WEIGHT] for e in parser.get_parsed_content("train#unlabeled#datalist")] == [2.0, 0.0]
-        trainer = parser.get_parsed_content("train#trainer")
-        trainer.run()
-    finally:
-        os.chdir(cwd)
+    trainer = run_trainer(tmp_path / "run", ["train.yaml", "variants/no_contrastive.yaml"], str(path),
+                          num_iterations=1, val_interval=1, rsl_schedule="fade", rsl_reliability="rank")
+    # the training data of the unlabeled half carries the weights (train#unlabeled#datalist)
+    assert [e[REGISTERED_WEIGHT] for e in trainer.data_loader.unlabeled.dataset.data] == [2.0, 0.0]
     assert trainer.rsl_schedule == "fade" and "rsl_a" in trainer.state.output["terms"]

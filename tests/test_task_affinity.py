@@ -17,7 +17,7 @@ from scripts.contrastive.task_affinity import (
     representation_distance,
 )
 from scripts.training.networks import StructuralEnhancement, StructureEnhancedUNet
-from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle
+from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle, run_trainer
 
 torch.set_num_threads(1)
 
@@ -206,22 +206,8 @@ def test_trainer_adds_w_tac_times_r_to_the_supervised_loss_of_one_network():
 
 
 def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
-    import os
-
-    from monai.bundle import ConfigParser
-
-    from tests.cross_teaching_fixtures import FAST, ROOT
-
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/no_contrastive.yaml", "variants/with_tac.yaml")])
-    parser.update({**FAST, "bundle_root": str(tmp_path), "datalist_file": data["rsl"], "num_iterations": 1, "val_interval": 1})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        trainer = parser.get_parsed_content("train#trainer")
-        trainer.run()
-    finally:
-        os.chdir(cwd)
+    trainer = run_trainer(tmp_path, ["train.yaml", "variants/no_contrastive.yaml", "variants/with_tac.yaml"], data["rsl"],
+                          num_iterations=1, val_interval=1)
     assert isinstance(trainer.network, StructureEnhancedUNet) and trainer.affinity_on
     terms = trainer.state.output["terms"]
     assert terms["tac_a"].item() > 0 and "rsl_a" in terms and "cps_a" in terms and "tac_b" not in terms

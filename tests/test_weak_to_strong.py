@@ -117,24 +117,11 @@ def test_weak_to_strong_needs_two_students():
 
 
 def test_w2s_overlay_trains_cct_r_with_scl_and_the_terms(tmp_path_factory):
-    import os
-
-    from monai.bundle import ConfigParser
-
-    from tests.cross_teaching_fixtures import FAST, ROOT, make_rsl_datalist
+    from tests.cross_teaching_fixtures import make_rsl_datalist, run_trainer
 
     data = make_rsl_datalist(tmp_path_factory.mktemp("phantom"))
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/no_reps.yaml", "variants/w2s.yaml")])
-    parser.update({**FAST, "bundle_root": str(tmp_path_factory.mktemp("run")), "datalist_file": data["rsl"],
-                   "num_iterations": 1, "val_interval": 1, "cl_num_anchors": 50, "cl_num_negatives": 50})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        trainer = parser.get_parsed_content("train#trainer")
-        trainer.run()
-    finally:
-        os.chdir(cwd)
+    trainer = run_trainer(tmp_path_factory.mktemp("run"), ["train.yaml", "variants/no_reps.yaml", "variants/w2s.yaml"], data["rsl"],
+                          num_iterations=1, val_interval=1, cl_num_anchors=50, cl_num_negatives=50)
     assert trainer.w2s_weight == 1.0 and trainer.w2s_threshold == 0.95
     terms = trainer.state.output["terms"]
     # the contrastive term reads the weak pass's features, before the extra passes replace them

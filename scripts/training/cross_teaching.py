@@ -79,6 +79,14 @@ __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher", "none")
 
 
+def _check_term(name: str, term, weight: float, kind: str) -> None:
+    """``<name>_weight`` must be >= 0, and > 0 needs a term."""
+    if float(weight) < 0:
+        raise ValueError(f"{name}_weight must be >= 0, got {weight!r}")
+    if float(weight) > 0 and term is None:
+        raise ValueError(f"{name}_weight > 0 needs a{'n' if name[0] in 'aeiou' else ''} {name} term ({kind})")
+
+
 class CrossTeachingTrainer(SupervisedTrainer):
     """Train two networks (or a student and its mean teacher) on half-labeled, half-unlabeled batches.
 
@@ -209,19 +217,13 @@ class CrossTeachingTrainer(SupervisedTrainer):
             raise ValueError("rsl_schedule 'fade' needs num_iterations (or a RampUpWeight consistency_weight)")
         self.rsl_schedule = rsl_schedule
         self._w_rsl_now = self.rsl_weight
-        if float(contrastive_weight) < 0:
-            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight!r}")
-        if float(contrastive_weight) > 0 and contrastive is None:
-            raise ValueError("contrastive_weight > 0 needs a contrastive term (scripts.contrastive.contrastive_term.ContrastiveTerm)")
+        _check_term("contrastive", contrastive, contrastive_weight, "scripts.contrastive.contrastive_term.ContrastiveTerm")
         self.contrastive = contrastive
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
         if self.contrastive_on and consistency == "none":
             raise ValueError("none: the contrastive terms need a peer's labels on the unlabeled half; use cl_weight 0")
-        if float(affinity_weight) < 0:
-            raise ValueError(f"affinity_weight must be >= 0, got {affinity_weight!r}")
-        if float(affinity_weight) > 0 and affinity is None:
-            raise ValueError("affinity_weight > 0 needs an affinity term (scripts.contrastive.task_affinity.TaskAffinityConsistency)")
+        _check_term("affinity", affinity, affinity_weight, "scripts.contrastive.task_affinity.TaskAffinityConsistency")
         self.affinity = affinity
         self.affinity_weight = float(affinity_weight)
         self.affinity_on = affinity is not None and self.affinity_weight > 0
