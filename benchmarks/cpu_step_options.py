@@ -5,7 +5,10 @@ One training step (forward, Dice + CE, backward, AdamW) of each network at ``--p
 
 * ``swin/sdpa``: SwinUNETR window attention through ``scaled_dot_product_attention`` also in training
   (MONAI uses it only without gradients); loss and gradients are compared with the reference;
-* ``swin/channels_last``, ``unet/channels_last``: the network and its input in channels-last memory format.
+* ``swin/channels_last``, ``unet/channels_last``: the network and its input in channels-last memory format;
+* ``swin/bf16``, ``unet/bf16``: forward and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the
+  trainer's ``amp: true`` on CPU; fast only on CPUs with bfloat16 matrix units, e.g. AMX or AVX512-BF16).
+  Its loss and gradients differ from float32 by bfloat16 rounding, not by float tolerance.
 
 ``torch.compile`` is not timed here: on the 2 shared cores its first SwinUNETR training step had not
 finished after 9 minutes (benchmarks/results/cpu_step_options.md).
@@ -63,9 +66,10 @@ def build(kind: str, option: str | None):
     return net
 
 
-def step(net, x, y, loss_fn):
+def step(net, x, y, loss_fn, bf16: bool = False):
     net.zero_grad(set_to_none=True)
-    loss = loss_fn(net(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(net(x), y)
     loss.backward()
     return loss.detach()
 
@@ -75,6 +79,8 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--options", nargs="+", default=["swin/sdpa", "swin/channels_last", "unet/channels_last"],
+                    help="network/option pairs (options: sdpa, channels_last, bf16)")
     ap.add_argument("--report", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -85,23 +91,25 @@ def main() -> None:
     x = torch.randn(args.batch, 1, args.patch, args.patch, generator=g)
     y = torch.randint(0, 4, (args.batch, 1, args.patch, args.patch), generator=g)
     rows = []
-    for kind, option in (("swin", "sdpa"), ("swin", "channels_last"), ("unet", "channels_last")):
+    for kind, option in (o.split("/") for o in args.options):
         ref, alt = build(kind, None), build(kind, option)
         xa = x.to(memory_format=torch.channels_last) if option == "channels_last" else x
-        la, lb = step(ref, x, y, loss_fn), step(alt, xa, y, loss_fn)
+        bf16 = option == "bf16"
+        la, lb = step(ref, x, y, loss_fn), step(alt, xa, y, loss_fn, bf16)
         ga = torch.cat([p.grad.flatten() for p in ref.parameters()])
         gb = torch.cat([p.grad.flatten() for p in alt.parameters()])
         t_ref, t_alt = [], []
         for _ in range(args.repeats):
-            for net, inp, ts in ((ref, x, t_ref), (alt, xa, t_alt)):
+            for net, inp, ts, half in ((ref, x, t_ref, False), (alt, xa, t_alt, bf16)):
                 start = time.perf_counter()
-                step(net, inp, y, loss_fn)
+                step(net, inp, y, loss_fn, half)
                 ts.append(time.perf_counter() - start)
         rows.append((kind, option, min(t_ref), min(t_alt), float((la - lb).abs()), float((ga - gb).norm() / ga.norm())))
     lines = [
         f"# CPU training-step options ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch {torch.__version__}, 1 thread)",
         "",
-        f"Command: `python benchmarks/cpu_step_options.py --patch {args.patch} --batch {args.batch} --repeats {args.repeats}` "
+        f"Command: `python benchmarks/cpu_step_options.py --patch {args.patch} --batch {args.batch} --repeats {args.repeats} "
+        f"--options {' '.join(args.options)}` "
         f"(load average at the end {os.getloadavg()[0]:.1f}; best of {args.repeats}, reference and option alternating).",
         "",
         "| network | option | reference s/step | option s/step | speed-up | loss diff | gradient rel. diff |",
