@@ -150,7 +150,8 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
     return result
 
 
-def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tuple[str, dict]:
+def table(results: list[dict], runs: list[Run], preset: str, section: str, overrides: dict | None = None,
+          per_variant: dict | None = None) -> tuple[str, dict]:
     """Markdown and JSON of mean +- std per variant (population std over seeds) and every run."""
     by_variant: dict[str, list[dict]] = {}
     for r in results:
@@ -158,8 +159,12 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str) -> tu
     classes = [c for c in (results[0]["metrics"] if results else {}) if c != "mean"] + ["mean"]
     order = list(dict.fromkeys(run.variant for run in runs))
     pending = [run.name for run in runs if not run.result_path.exists()]
-    lines = [f"# Protocol runs: preset `{preset}` ({PRESETS[preset]}), Dice on `{section}` x 100",
-             "", f"Validation also selects each run's checkpoint (the best validation model is saved), so these are "
+    lines = [f"# Protocol runs: preset `{preset}` ({PRESETS[preset]}), Dice on `{section}` x 100", ""]
+    if overrides is not None:   # what every run was actually given (the preset with --set / --parallel on top)
+        lines += ["Settings of every run: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()) + "."
+                  + ("" if not per_variant else " Per variant: " + "; ".join(
+                      f"{n}: " + ", ".join(f"`{k}={v}`" for k, v in kv.items()) for n, kv in per_variant.items()) + "."), ""]
+    lines += [f"Validation also selects each run's checkpoint (the best validation model is saved), so these are "
              "validation numbers, not held-out test numbers. Std: population, over seeds.", "",
              "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
     summary = {}
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def refresh() -> None:
         results = [json.loads(r.result_path.read_text()) for r in runs if r.result_path.exists()]
-        md, js = table(results, runs, args.preset, args.section)
+        md, js = table(results, runs, args.preset, args.section, overrides, per_variant)
         write_text(out / "table.md", md)
         write_json(out / "table.json", js)
 

@@ -34,6 +34,16 @@ def test_table_gives_mean_and_population_std_per_variant_and_every_run(tmp_path)
     assert "Validation also selects" in md
 
 
+def test_table_states_the_settings_the_runs_were_given(tmp_path):
+    """The preset's iterations can be overridden (--set): the header must say what actually ran."""
+    runs = [protocol.Run("rank", [], 1, tmp_path / "rank_s1")]
+    md, _ = protocol.table([], runs, "screen", "validation", {"num_iterations": "400", "patch_size": "[128,128]"},
+                           {"rank": {"rsl_reliability": "rank"}})
+    assert "Settings of every run: `num_iterations=400`, `patch_size=[128,128]`. Per variant: rank: `rsl_reliability=rank`." in md
+    md, _ = protocol.table([], runs, "screen", "validation")
+    assert "Settings of every run" not in md
+
+
 def test_variant_parsing_refuses_unknown_overlays():
     assert protocol.parse_variant("cct-r=") == ("cct-r", [])
     assert protocol.parse_variant("cts=variants/cts.yaml") == ("cts", ["variants/cts.yaml"])
