@@ -115,3 +115,48 @@ def test_random_crop_is_on_by_default_and_can_be_switched_off(datalist):
         if expected:  # before the resize, after the slice and its coordinates
             assert parser.get_parsed_content("crop_min_scale") == 0.8
             assert names.index("RandScaleCropd") < names.index("Resized") and names.index("SliceCoordinatesd") < names.index("RandScaleCropd")
+
+
+def _flip_arm(files: list[str]) -> list[str]:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    return [type(t).__name__ for t in parser.get_parsed_content("train#augmentation").transforms[0].transforms]
+
+
+def test_ct_overlay_keeps_left_and_right_apart():
+    """Cardiac: rot90 + mirror flip (SSL4MIS). CT: no mirror flip, which would turn a left kidney into a right one."""
+    assert _flip_arm(["train.yaml"]) == ["RandRotate90d", "RandAxisFlipd"]
+    assert _flip_arm(["train.yaml", "datasets/acdc.yaml"]) == ["RandRotate90d", "RandAxisFlipd"]
+    assert _flip_arm(["train.yaml", "datasets/synapse.yaml"]) == ["RandRotate90d"]
+
+
+def _handedness_signs(files: list[str], draws: int = 40) -> tuple[set[int], int]:
+    """Signs of the handedness of three labelled blobs over ``draws`` draws of the training augmentation,
+    and the sign before augmentation."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    aug = parser.get_parsed_content("train#augmentation")
+    aug.set_random_state(0)
+    label = torch.zeros(1, 32, 32)
+    label[0, 14:18, 8:12] = 1.0    # right of the patient (left of the image)
+    label[0, 14:18, 20:24] = 2.0   # left of the patient
+    label[0, 8:12, 14:18] = 3.0    # anterior
+    signs = set()
+    for _ in range(draws):
+        signs.add(_handedness(aug({"image": label.clone(), "label": label.clone()})["label"][0]))
+    return signs, _handedness(label[0])
+
+
+def _handedness(label: torch.Tensor) -> int:
+    p = [torch.nonzero(label == k).float().mean(0) for k in (1, 2, 3)]
+    a, b = p[1] - p[0], p[2] - p[0]
+    return int(torch.sign(a[0] * b[1] - a[1] * b[0]))
+
+
+def test_ct_augmentation_never_mirrors_a_slice():
+    """Rotations keep the handedness of (right organ, left organ, anterior organ); a mirror flip reverses it.
+    The cardiac augmentation draws both signs (so the check can fail); the CT one only the original."""
+    cardiac, original = _handedness_signs(["train.yaml"])
+    assert cardiac == {-1, 1}
+    ct, original = _handedness_signs(["train.yaml", "datasets/synapse.yaml"])
+    assert ct == {original}
