@@ -69,6 +69,13 @@ def test_ct_default_path_trains_infers_and_evaluates(ct, tmp_path):
     assert ok and all(not t.is_affine for t in ok)  # affine + deformable by default for CT
     config = json.loads((tmp_path / "models" / "model_config.json").read_text())
     assert config["label_mapping"]["target"][9] == 0 and len(config["class_names"]) == 9
+    # the registration-only baseline scores the mapped organs (raw 13 labels mapped before scoring): every
+    # organ is present in every validation label, none is scored on an empty class
+    baseline = json.loads((folders[0] / "baseline" / "baseline.json").read_text())
+    organs = [c for c in baseline["brs"]["per_class"] if c["class"] != "mean"]
+    assert [c["class_name"] for c in organs] == ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach",
+                                                 "aorta", "pancreas"]
+    assert all(c["n_gt_empty"] == 0 for c in organs), organs
 
     entries = json.loads(ct.read_text())["validation"]
     inputs = tmp_path / "inputs"

@@ -34,8 +34,14 @@ def run_baseline(
     mode: str = "nearest",
     num_classes: int | None = None,
     class_names: dict[int, str] | None = None,
+    label_mapping: dict[int, int] | None = None,
 ) -> dict:
-    """Write predictions and metric reports under ``out_dir/<method>/``; return mean Dice per method."""
+    """Write predictions and metric reports under ``out_dir/<method>/``; return mean Dice per method.
+
+    ``label_mapping`` (``{raw_value: class_id}``, e.g. Synapse's 13 -> 8 organs): labels are propagated and
+    voted in their raw values, and both the propagated and the true label are mapped before scoring, so
+    that ``class_names`` (the mapped classes) name what is scored.
+    """
     out_dir = Path(out_dir)
     class_names = class_names or {1: "1", 2: "2", 3: "3"}
     label_of = {q["id"]: q["label"] for q in labeled}
@@ -72,7 +78,7 @@ def run_baseline(
     for method, cases in methods.items():
         if not cases:
             continue
-        rows = evaluate_files(cases, class_ids=sorted(class_names))
+        rows = evaluate_files(cases, class_ids=sorted(class_names), label_mapping=label_mapping)
         write_reports(rows, out_dir / method, class_names, prefix="metrics")
         summary = summarize(rows, class_names)
         dice = [float(r["dice"]) for r in rows]

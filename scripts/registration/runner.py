@@ -272,6 +272,7 @@ class RegistrationRunner:
             summary["baseline"] = run_baseline(
                 table, labeled, evaluation, self.selector, self.output_dir / "baseline",
                 self.top_k, self.propagation_mode, self.num_classes, read_class_names(self.datalist),
+                read_label_mapping(self.datalist),
             )
         write_json(self.output_dir / "summary.json", summary)
         logger.info("registration done: %s", json.dumps({k: summary[k] for k in ("pairs", "registration_seconds")}))
@@ -298,6 +299,14 @@ def datalist_key(datalist: str | os.PathLike) -> str:
     data = read_datalist(datalist)
     sections = {s: data.get(s, []) for s in ("training", "unlabeled", "validation", "test")}
     return hashlib.sha1(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def read_label_mapping(datalist: str | os.PathLike) -> dict[int, int] | None:
+    """The datalist's ``label_mapping`` (``{"orig": [...], "target": [...]}``) as ``{raw: class}``, or None."""
+    mapping = read_datalist(datalist).get("label_mapping")
+    if not mapping:
+        return None
+    return {int(o): int(t) for o, t in zip(mapping["orig"], mapping["target"])}
 
 
 def read_class_names(datalist: str | os.PathLike) -> dict[int, str]:

@@ -1,0 +1,63 @@
+"""Command-line values (strings from fire) are read the way YAML means them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from scripts.config_values import flag, optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("no", False), ("0", False), ("off", False),
+                                            ("true", True), ("TRUE", True), ("yes", True), (True, True), (False, False),
+                                            (0, False), (None, False)])
+def test_flag_reads_yaml_spellings(text, expected):
+    assert flag(text) is expected
+
+
+def test_flag_refuses_other_strings_by_name():
+    with pytest.raises(ValueError, match="amp: expected true or false, got 'maybe'"):
+        flag("maybe", "amp")
+
+
+@pytest.mark.parametrize("text", ["null", "None", "none", "~"])
+def test_optional_reads_null(text):
+    assert optional(text) is None
+    assert optional(0.8) == 0.8 and optional("fade") == "fade"
+
+
+def _parser(files, **overrides):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in files])
+    parser.update(overrides)   # what `monai.bundle run ... --key value` does with fire's strings
+    return parser
+
+
+def test_command_line_false_and_null_switch_things_off():
+    """`--amp false`, `--flip_augmentation false`, `--crop_min_scale null`, `--cl_joint_space false`,
+    `--deformable false` and `--resume false` as the strings the command line passes."""
+    p = _parser(["train.yaml"], amp="false", flip_augmentation="false", crop_min_scale="null", cl_joint_space="false",
+                deformable="false", resume="false", brs_random_partner="false", registration_dir="null")
+    names = [type(t).__name__ for t in p.get_parsed_content("train#slice_transforms")]
+    assert "RandScaleCropd" not in names
+    assert [type(t).__name__ for t in p.get_parsed_content("train#augmentation").transforms[0].transforms] == ["RandRotate90d"]
+    for key in ("train#trainer#amp", "validate#evaluator#amp", "monitor#handler#amp"):
+        assert p.get_parsed_content(key) is False, key
+    assert p.get_parsed_content("registration_torch_settings#deformable") is False
+    assert p.get_parsed_content("registration_stage#random_partner") is False
+    assert p.get_parsed_content("registration_stage#registration_dir") is None
+    assert p.get_parsed_content("contrastive#term#joint") is False
+    # and "true" switches them on
+    p = _parser(["train.yaml"], amp="true", cl_joint_space="true", deformable="true")
+    assert p.get_parsed_content("train#trainer#amp") is True
+    assert p.get_parsed_content("registration_torch_settings#deformable") is True
+    assert p.get_parsed_content("contrastive#term#joint") is True
+
+
+def test_inference_amp_false_from_the_command_line():
+    p = _parser(["inference.yaml"], amp="false")
+    assert p.get_parsed_content("evaluator#amp") is False
