@@ -61,3 +61,38 @@ def test_command_line_false_and_null_switch_things_off():
 def test_inference_amp_false_from_the_command_line():
     p = _parser(["inference.yaml"], amp="false")
     assert p.get_parsed_content("evaluator#amp") is False
+
+
+def test_use_reps_and_progress_false_from_the_command_line():
+    p = _parser(["train.yaml"], use_reps="false", progress="false")
+    assert p.get_parsed_content("registration_stage#reps", lazy=False, instantiate=False) is False
+    assert p.get_parsed_content("contrastive#term#registered_weight") == 0.0
+    assert p.get_parsed_content("contrastive#term#class_weight") == 1.0
+    assert p.get_parsed_content("train#progress#progress") is False
+
+
+def _boolean_switches() -> set[str]:
+    """Every top-level key that some config sets to true / false: a switch a user may flip on the command line."""
+    import yaml
+
+    keys = set()
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        if isinstance(data, dict):
+            keys |= {k for k, v in data.items() if isinstance(v, bool)}
+    return keys - {"is_main_process"}   # computed from the process rank, never given on the command line
+
+
+def test_every_boolean_switch_is_read_through_flag():
+    """A bare `@switch` would take the command line's 'false' as true: every use must go through flag()."""
+    import re
+
+    switches = _boolean_switches()
+    assert {"use_reps", "resume", "deformable", "flip_augmentation", "cl_joint_space", "progress"} <= switches
+    bare = []
+    for path in (ROOT / "configs").rglob("*.yaml"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for m in re.finditer(r"@(\w+)\b", line):
+                if m.group(1) in switches and not line[: m.start()].endswith("flag("):
+                    bare.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not bare, "switches read without scripts.config_values.flag:\n" + "\n".join(bare)

@@ -42,6 +42,27 @@ def test_bank_fifo_replacement_and_capacity():
     assert bank_capacity(40, 160) == 40 and bank_capacity(40, 160, max_slices=25) == 25 and bank_capacity(1, 0) == 1
 
 
+def test_bank_state_restores_maps_and_fifo_order(tmp_path):
+    """A checkpointed bank (state -> torch.save -> load -> from_state) looks up and evicts like the original."""
+    bank = SliceFeatureBank(capacity=3, channels=2, height=3, width=3, num_volumes=4, max_slices=5, dtype=torch.float16)
+    for n, key in enumerate([(0, 0), (0, 1), (1, 0), (0, 0)]):  # (0, 0) replaced: the FIFO order is not the slot order
+        _push(bank, *key, n + 1)
+    torch.save(bank.state(), tmp_path / "bank.pt")
+    restored = SliceFeatureBank.from_state(torch.load(tmp_path / "bank.pt", weights_only=True))
+    assert restored.keys() == bank.keys() == [(0, 1), (1, 0), (0, 0)]
+    assert restored.features.dtype == torch.float16 and restored.capacity == 3
+    uv = torch.tensor([[1.0, 1.0]] * 4, dtype=torch.float64)
+    query = (torch.tensor([0, 1, 0, 3]), torch.tensor([0, 0, 1, 4]), uv, torch.ones(4, dtype=torch.bool))
+    for b in (bank, restored):
+        _push(b, 2, 4, 9)  # full: both evict (0, 1), the oldest
+    (f1, ok1), (f2, ok2) = bank.lookup(*query), restored.lookup(*query)
+    assert restored.keys() == bank.keys() == [(1, 0), (0, 0), (2, 4)]
+    assert ok1.tolist() == ok2.tolist() == [True, True, False, False]
+    assert torch.equal(f1, f2) and f1[:, 0].tolist() == [4.0, 3.0, 0.0, 0.0]
+    empty = SliceFeatureBank.from_state(SliceFeatureBank(2, 2, 3, 3, 4, 5).state())
+    assert len(empty) == 0
+
+
 def test_bank_bilinear_lookup_and_bounds():
     bank = SliceFeatureBank(capacity=1, channels=1, height=4, width=4, num_volumes=1, max_slices=1)
     ramp = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)  # value = 4 r + c

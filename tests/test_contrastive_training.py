@@ -35,17 +35,26 @@ def data(tmp_path_factory) -> dict[str, str]:
     return {**paths, "registration": str(root / "registration")}
 
 
-def _train(run_dir: Path, files: list[str], datalist: str, **overrides) -> ConfigParser:
+def _parser(run_dir: Path, files: list[str], datalist: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in files])
     parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalist, "num_iterations": 2, "val_interval": 2,
                    "monitor_max_volumes": 0, **overrides})
+    return parser
+
+
+def _in_bundle(work):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        parser.get_parsed_content("train#trainer").run()
+        return work()
     finally:
         os.chdir(cwd)
+
+
+def _train(run_dir: Path, files: list[str], datalist: str, **overrides) -> ConfigParser:
+    parser = _parser(run_dir, files, datalist, **overrides)
+    _in_bundle(lambda: parser.get_parsed_content("train#trainer").run())
     return parser
 
 
@@ -70,6 +79,19 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     assert proj_ids <= {id(p) for g in parser.get_parsed_content("optimizer").param_groups for p in g["params"]}
     state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert any(k.startswith("projectors.b.") for k in state["contrastive"])
+    # the REPS bank is part of the training checkpoint: a resumed run starts from the same slices
+    saved = state["contrastive"]["_extra_state"]["banks"]["joint"]
+    assert [tuple(k) for k in saved["keys"]] == keys and len(saved["features"]) == len(keys)
+    fresh = _parser(tmp_path / "fresh", ["train.yaml"], data["rsl"], registration_dir=data["registration"])
+    fresh = _in_bundle(lambda: fresh.get_parsed_content("contrastive#module"))
+    assert fresh.banks == {}
+    fresh.load_state_dict(state["contrastive"])
+    assert fresh.banks["joint"].keys() == keys
+    slots = [term.banks["joint"]._order[k] for k in keys]
+    torch.testing.assert_close(fresh.banks["joint"].features[: len(keys)], term.banks["joint"].features[slots])
+    old_format = {k: v for k, v in state["contrastive"].items() if k != "_extra_state"}
+    fresh.load_state_dict(old_format)   # a checkpoint written before the banks were saved: empty banks
+    assert fresh.banks == {}
     model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert model.keys() == parser.get_parsed_content("network_def").state_dict().keys()
 

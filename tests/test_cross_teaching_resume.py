@@ -12,7 +12,7 @@ from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle
 
 torch.set_num_threads(1)
 
-CCT_R = ["train.yaml", "variants/no_contrastive.yaml"]  # REPS needs transforms; its FIFO bank is not resumed
+CCT_R = ["train.yaml", "variants/no_contrastive.yaml"]  # REPS needs registrations (its bank: test_contrastive_training)
 RUN = ["--num_iterations", "4", "--val_interval", "2"]
 
 

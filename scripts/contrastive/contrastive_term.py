@@ -126,9 +126,25 @@ class ContrastiveTerm(nn.Module):
         """Parameters of network ``which``'s projector heads (add them to that network's optimizer)."""
         return self.projectors[which].parameters()
 
+    # ------------------------------------------------------------------ checkpoint: the REPS banks
+    def get_extra_state(self) -> dict:
+        """The REPS banks go into this module's ``state_dict`` (the training checkpoint), so that a resumed
+        run looks registered positives up in the same slices as an uninterrupted one."""
+        return {"banks": {name: bank.state() for name, bank in self.banks.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.banks = {name: SliceFeatureBank.from_state(s) for name, s in (state or {}).get("banks", {}).items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the banks were saved have no entry: resume with empty banks
+        state_dict.setdefault(prefix + "_extra_state", {"banks": {}})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ REPS helpers
     def _bank(self, name: str, emb: torch.Tensor, layers: int) -> SliceFeatureBank:
         """The bank ``name`` (a network, or ``"joint"`` holding ``layers`` maps per slice)."""
+        if name in self.banks and self.banks[name].features.device != emb.device:
+            self.banks[name].to(emb.device)  # restored from a checkpoint on the CPU
         if name not in self.banks:
             c = self.correspondence
             self.banks[name] = SliceFeatureBank(self.capacity * layers, emb.shape[1], emb.shape[2], emb.shape[3], len(c) * layers,

@@ -60,6 +60,37 @@ class SliceFeatureBank:
     def __len__(self) -> int:
         return len(self._order)
 
+    def state(self) -> dict:
+        """Everything needed to rebuild this bank (a checkpoint entry): shape, stored maps and frames,
+        and the FIFO order. Only the occupied slots' maps are kept."""
+        slots = torch.tensor(list(self._order.values()), dtype=torch.long, device=self.features.device)
+        return {
+            "capacity": self.capacity, "channels": self.channels, "height": self.height, "width": self.width,
+            "num_volumes": int(self.slot_of.shape[0]), "max_slices": int(self.slot_of.shape[1]),
+            "dtype": str(self.features.dtype).removeprefix("torch."),
+            "keys": [list(k) for k in self._order], "features": self.features[slots].cpu(), "frames": self.frames[slots].cpu(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "SliceFeatureBank":
+        """The bank :meth:`state` describes, its slices in the same FIFO order."""
+        bank = cls(state["capacity"], state["channels"], state["height"], state["width"], state["num_volumes"],
+                   state["max_slices"], dtype=getattr(torch, state["dtype"]), device=device)
+        keys = [tuple(int(x) for x in k) for k in state["keys"]]
+        if len(keys) > bank.capacity or len(state["features"]) != len(keys):
+            raise ValueError(f"bank state: {len(keys)} keys, {len(state['features'])} maps, capacity {bank.capacity}")
+        for slot, key in enumerate(keys):
+            bank._slot_for(key)
+        if keys:
+            bank.features[: len(keys)] = state["features"].to(bank.features)
+            bank.frames[: len(keys)] = state["frames"].to(bank.frames)
+        return bank
+
+    def to(self, device: torch.device | str) -> "SliceFeatureBank":
+        """Move the stored maps (in place); returns the bank."""
+        self.features, self.frames, self.slot_of = self.features.to(device), self.frames.to(device), self.slot_of.to(device)
+        return self
+
     def keys(self) -> list[tuple[int, int]]:
         """Stored ``(volume, slice)`` keys, oldest first."""
         return list(self._order)
