@@ -17,7 +17,9 @@ variant (a config switch screened without a new overlay). Presets (``--preset``)
 * ``screen``: patch 128, batch 8, 600 iterations, validation every 200;
 * ``full``: patch 128, batch 8, 1,200 iterations, validation every 300 (the CPU budget of the results).
 
-Two-network models are also evaluated with each network alone (``--branch a`` / ``b``), in a second table.
+Two-network models are also evaluated with each network alone (``--branch a`` / ``b``), in a second table,
+and every model trained with mirror flips once more with mirror test-time augmentation (``--flip_tta true``;
+``--no_flip_tta`` skips it), in a third; finished runs without that number get it on the next call.
 
 Example (2 seeds, two runs side by side with one thread each)::
 
@@ -103,13 +105,35 @@ def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
     return cmd
 
 
-def evaluate_command(run: Run, datalist: str, section: str, branch: str | None = None) -> list[str]:
-    """Evaluate the run's best checkpoint; ``branch`` ``a`` / ``b``: one network of a two-network model alone."""
-    folder = f"evaluation_{section}" + (f"_{branch}" if branch else "")
+def evaluate_command(run: Run, datalist: str, section: str, branch: str | None = None, flip_tta: bool = False) -> list[str]:
+    """Evaluate the run's best checkpoint; ``branch`` ``a`` / ``b``: one network of a two-network model alone;
+    ``flip_tta``: the model with mirror test-time augmentation (``configs/inference.yaml`` ``flip_tta``)."""
+    folder = f"evaluation_{section}" + (f"_{branch}" if branch else "") + ("_tta" if flip_tta else "")
     return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
             "['configs/inference.yaml','configs/evaluate.yaml']", "--datalist_file", datalist, "--datalist_section", section,
             "--ckpt_dir", str(run.folder / "models"), "--output_dir", str(run.folder / "eval" / folder)] + (
-            ["--branch", branch] if branch else [])
+            ["--branch", branch] if branch else []) + (["--flip_tta", "true"] if flip_tta else [])
+
+
+def mirror_trained(run: Run) -> bool:
+    """Whether the run's model was trained with mirror flips (model_config.json; absent before 0.4.2: it was)."""
+    model_config = run.folder / "models" / "model_config.json"
+    return model_config.exists() and bool(json.loads(model_config.read_text()).get("flip_augmentation", True))
+
+
+def add_tta(run: Run, section: str) -> dict:
+    """Evaluate a finished run's model with mirror TTA (once) and record its mean Dice in ``result.json``."""
+    result = json.loads(run.result_path.read_text())
+    if "tta_dice" in result or not mirror_trained(run):
+        return result
+    with open(run.folder / "train.log", "a") as log:
+        if subprocess.run(evaluate_command(run, result["datalist"], section, flip_tta=True), cwd=ROOT, stdout=log,
+                          stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{run.name}: evaluation with flip TTA failed, see {run.folder / 'train.log'}")
+    tta = read_summary(run.folder / "eval" / f"evaluation_{section}_tta" / "metrics_summary.csv")
+    result["tta_dice"] = {c: m["dice"] for c, m in tta.items()}
+    write_json(run.result_path, result)
+    return result
 
 
 def read_summary(path: Path) -> dict:
@@ -187,6 +211,21 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str, overr
         name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
         lines.append(f"| {name} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
                      + f" | {hd} | {r['minutes']:.0f} |")
+    tta_rows = [r for r in results if r.get("tta_dice")]
+    if tta_rows:
+        lines += ["", "With mirror test-time augmentation (`--flip_tta true` at evaluation: each slice and its three "
+                  "in-plane mirror images, logits averaged; the same checkpoints):", "",
+                  "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+        for v in order:
+            rs = sorted((r for r in tta_rows if r["variant"] == v), key=lambda r: (str(r.get("split")), r["seed"]))
+            if not rs:
+                continue
+            cells = []
+            for c in classes:
+                vals = [100 * r["tta_dice"][c] for r in rs]
+                summary.setdefault(v, {})[f"tta_{c}"] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+                cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
+            lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     branch_rows = [r for r in results if r.get("branch_dice")]
     if branch_rows:
         lines += ["", "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B):", "",
@@ -237,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant_set", nargs="*", default=[], metavar="NAME:KEY=VALUE",
                     help="overrides for one variant, e.g. swin_lr:learning_rate_b=0.0005")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--no_flip_tta", action="store_true",
+                    help="skip the extra evaluation with mirror test-time augmentation (models trained with flips)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if bool(args.datalist) == bool(args.acdc_root):
@@ -285,13 +326,18 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(run: Run) -> None:
         try:
-            execute(run, args.dataset, args.section)
+            if not run.result_path.exists():
+                execute(run, args.dataset, args.section)
+            if not args.no_flip_tta and run.result_path.exists():
+                add_tta(run, args.section)
             print(f"protocol: {run.name} done", flush=True)
         except RuntimeError as exc:
             failures.append(str(exc))
             print(f"protocol: {exc}", flush=True)
         refresh()
 
+    if not args.no_flip_tta:   # finished runs evaluated before the TTA column existed get it too
+        todo = [r for r in runs if r not in todo and "tta_dice" not in json.loads(r.result_path.read_text()) and mirror_trained(r)] + todo
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         list(pool.map(one, todo))
     if failures:

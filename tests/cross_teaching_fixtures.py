@@ -28,7 +28,7 @@ def make_rsl_datalist(root: Path, n_validation: int = 1) -> dict[str, str]:
 
     Returns ``{"plain": datalist.json, "rsl": rsl_datalist.json}``. The first unlabeled volume's
     registered label is its true label; the second's is the true label shifted by 3 voxels in-plane
-    (a registration error), so registered labels score between 0 and 1.
+    (a registration error), so registered labels score between 0 and 1; their BRS scores rank them so.
     """
     plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=2, n_unlabeled=2, n_validation=n_validation, n_test=0, seed=3))
     data = json.loads(plain.read_text())
@@ -40,6 +40,7 @@ def make_rsl_datalist(root: Path, n_validation: int = 1) -> dict[str, str]:
         path = root / "registered" / f"{entry['id']}.nii.gz"
         save_nifti(label, truth.affine, path, dtype=np.uint8)
         entry["registered_label"] = str(path)
+        entry["brs_score"] = [1.0, 3.0][i % 2]  # the registration step's BRS score (lower: more reliable)
     for section in ("training", "unlabeled", "validation", "test"):
         for entry in data.get(section, []):
             for key in ("image", "label", "true_label"):

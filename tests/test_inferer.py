@@ -47,6 +47,35 @@ def test_resize_round_trip_of_smooth_image_is_close():
     assert (out - vol).abs().max() < 0.02
 
 
+def test_flip_tta_averages_the_four_mirror_images_mirrored_back():
+    """A network that sees position (a ramp added to its output) gives a different map per mirror image;
+    TTA returns the mean of the four, each mirrored back, and leaves an equivariant network unchanged."""
+    torch.manual_seed(0)
+    vol = torch.rand(1, 1, 8, 8, 2)
+    ramp = torch.arange(64.0).reshape(1, 1, 8, 8)
+
+    def positional(t):
+        return t + ramp
+
+    out = SliceResizeInferer(patch_size=(8, 8), flip_tta=True)(vol, positional)
+    mirrored = [ramp, ramp.flip(2), ramp.flip(3), ramp.flip((2, 3))]
+    expected = vol + (sum(mirrored) / 4.0)[..., None]
+    torch.testing.assert_close(out, expected)
+    plain = SliceResizeInferer(patch_size=(8, 8))(vol, positional)
+    assert not torch.allclose(plain, out)
+    torch.testing.assert_close(SliceResizeInferer(patch_size=(8, 8), flip_tta=True)(vol, lambda t: 2 * t), 2 * vol)
+
+
+def test_flip_tta_is_refused_for_a_model_trained_without_flips():
+    from scripts.training.model_config import ModelConfigError, checked_flip_tta
+
+    assert checked_flip_tta({"flip_augmentation": True}, True) is True
+    assert checked_flip_tta({}, True) is True   # descriptions before 0.4.2: trained with flips
+    assert checked_flip_tta({"flip_augmentation": False}, False) is False
+    with pytest.raises(ModelConfigError, match="without mirror flips"):
+        checked_flip_tta({"flip_augmentation": False}, True)
+
+
 def test_rejects_non_volume_input():
     with pytest.raises(ValueError, match=r"\(B, C, X, Y, Z\)"):
         SliceResizeInferer(patch_size=(8, 8))(torch.rand(1, 1, 8, 8), lambda t: t)

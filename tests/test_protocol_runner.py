@@ -64,8 +64,13 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(tmp_path, monkeypatch):
     assert (out / "ls_s7" / "models" / "model.pt").is_file()
     table = (out / "table.md").read_text()
     assert "| ls | 7 |" in table and "Not finished" not in table
+    # the same model evaluated with mirror TTA (the phantom model was trained with flips)
+    assert json.loads((out / "ls_s7" / "models" / "model_config.json").read_text())["flip_augmentation"] is True
+    assert set(result["tta_dice"]) >= {"RV", "mean"} and 0.0 <= result["tta_dice"]["mean"] <= 1.0
+    assert "With mirror test-time augmentation" in table and table.count("| ls | 7 |") == 2
     calls = []
     monkeypatch.setattr(protocol, "execute", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(protocol, "add_tta", lambda *a, **k: calls.append(a))
     protocol.main(args)  # everything done: nothing runs again
     assert calls == []
 
@@ -117,3 +122,5 @@ def test_evaluate_command_selects_the_branch(tmp_path):
     cmd = protocol.evaluate_command(run, "dl.json", "validation", "b")
     assert cmd[-2:] == ["--branch", "b"] and cmd[cmd.index("--output_dir") + 1].endswith("evaluation_validation_b")
     assert "--branch" not in protocol.evaluate_command(run, "dl.json", "validation")
+    tta = protocol.evaluate_command(run, "dl.json", "validation", flip_tta=True)
+    assert tta[-2:] == ["--flip_tta", "true"] and tta[tta.index("--output_dir") + 1].endswith("evaluation_validation_tta")

@@ -36,8 +36,11 @@ def test_unlabeled_entries_carry_the_weights(tmp_path):
     entries = unlabeled_entries(path, with_registered_label=True, reliability="rank")
     assert [e[REGISTERED_WEIGHT] for e in entries] == [0.0, 2.0]
     assert all(REGISTERED_WEIGHT not in e for e in unlabeled_entries(path, with_registered_label=True))
-    with pytest.raises(ValueError, match="brs_score"):
-        unlabeled_entries(data["rsl"], with_registered_label=True, reliability="rank")
+    for e in dl["unlabeled"]:
+        del e["brs_score"]
+    (tmp_path / "unscored.json").write_text(json.dumps(dl))
+    with pytest.raises(ValueError, match="brs_score.*--rsl_reliability none"):
+        unlabeled_entries(tmp_path / "unscored.json", with_registered_label=True, reliability="rank")
     with pytest.raises(ValueError, match="rsl_reliability"):
         unlabeled_entries(path, with_registered_label=True, reliability="best")
 
@@ -98,3 +101,19 @@ def test_config_switches_reach_data_and_trainer(tmp_path):
     # the training data of the unlabeled half carries the weights (train#unlabeled#datalist)
     assert [e[REGISTERED_WEIGHT] for e in trainer.data_loader.unlabeled.dataset.data] == [2.0, 0.0]
     assert trainer.rsl_schedule == "fade" and "rsl_a" in trainer.state.output["terms"]
+
+
+def test_default_is_the_measured_best_and_cct_r_keeps_the_paper():
+    """train.yaml: RSL weighted by BRS rank and the Transformer at the U-Net's rate (docs/results.md, full budget);
+    variants/cct_r.yaml keeps the paper's equal weights and 1e-4."""
+    from monai.bundle import ConfigParser
+
+    from tests.cross_teaching_fixtures import ROOT
+
+    default = ConfigParser()
+    default.read_config(str(ROOT / "configs" / "train.yaml"))
+    assert default["rsl_reliability"] == "rank" and default["learning_rate_b"] == default["learning_rate"] == 0.0005
+    paper = ConfigParser()
+    paper.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/cct_r.yaml")])
+    assert paper["rsl_reliability"] == "none" and paper["learning_rate_b"] == 0.0001 and paper["rsl_schedule"] == "constant"
+    assert paper.get_parsed_content("optimizer_b#lr") == 0.0001

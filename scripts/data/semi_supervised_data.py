@@ -122,7 +122,8 @@ def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool =
         missing = [e.get("id") for e in scored.values() if e.get("brs_score") is None]
         if missing:
             raise ValueError(f"datalist {datalist}: rsl_reliability 'rank' needs a 'brs_score' on every entry with a "
-                             f"registered label; {missing[:3]} have none (write the datalist with the registration step)")
+                             f"registered label; {missing[:3]} have none (write the datalist with the registration step, or train "
+                             "with --rsl_reliability none)")
         weights = reliability_weights({i: float(e["brs_score"]) for i, e in scored.items()})
         for i, item in enumerate(out):
             item[REGISTERED_WEIGHT] = weights.get(i, 0.0)

@@ -27,15 +27,31 @@ class SliceResizeInferer(Inferer):
         patch_size: the 2D size the network was trained on.
         slice_axis: ``"auto"`` (largest voxel spacing, from the input's MetaTensor affine) or 0/1/2.
         sw_batch_size: slices per forward pass (bounds memory for long CT stacks).
+        flip_tta: test-time augmentation: also run every slice mirrored along each in-plane axis and
+            along both, and average the four logit maps (mirrored back). Only for a model trained with
+            mirror flips (``flip_augmentation``); 4x the network time.
     """
 
-    def __init__(self, patch_size: Sequence[int], slice_axis: int | str = "auto", sw_batch_size: int = 16):
+    def __init__(self, patch_size: Sequence[int], slice_axis: int | str = "auto", sw_batch_size: int = 16,
+                 flip_tta: bool = False):
         super().__init__()
         if len(patch_size) != 2:
             raise ValueError(f"patch_size must be 2D, got {patch_size!r}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.slice_axis = slice_axis
         self.sw_batch_size = int(sw_batch_size)
+        self.flip_tta = bool(flip_tta)
+
+    def _run(self, network: Callable[..., torch.Tensor], chunk: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.flip_tta:
+            return network(chunk, *args, **kwargs)
+        out = None
+        for dims in ((), (2,), (3,), (2, 3)):
+            x = torch.flip(chunk, dims) if dims else chunk
+            y = network(x, *args, **kwargs)
+            y = torch.flip(y, dims) if dims else y
+            out = y if out is None else out + y
+        return out / 4.0
 
     def _axis(self, inputs: torch.Tensor) -> int:
         affine = np.eye(4)
@@ -60,7 +76,7 @@ class SliceResizeInferer(Inferer):
             chunk = slices[start : start + self.sw_batch_size]
             if tuple(chunk.shape[2:]) != self.patch_size:
                 chunk = F.interpolate(chunk, size=self.patch_size, mode="bilinear", align_corners=False)
-            logits = network(chunk, *args, **kwargs)
+            logits = self._run(network, chunk, *args, **kwargs)
             if tuple(logits.shape[2:]) != tuple(in_plane):
                 logits = F.interpolate(logits, size=tuple(in_plane), mode="bilinear", align_corners=False)
             outputs.append(logits)
