@@ -46,7 +46,7 @@ def datalist(tmp_path) -> Path:
         "labels": {"0": "bg", "1": "a", "2": "b", "3": "c"},
         "training": [{"id": "l0", "image": "img.nii.gz", "label": "lab.nii.gz"}],
         "unlabeled": [
-            {"id": "u0", "image": "img.nii.gz", "true_label": "lab.nii.gz", "registered_label": "lab.nii.gz"},
+            {"id": "u0", "image": "img.nii.gz", "true_label": "lab.nii.gz", "registered_label": "lab.nii.gz", "brs_score": 2.0},
             {"id": "u1", "image": "img.nii.gz", "true_label": "lab.nii.gz", "registered_label": None},
         ],
         "validation": [{"id": "v0", "image": "img.nii.gz", "label": "lab.nii.gz"}],
@@ -70,7 +70,8 @@ def test_registered_label_stays_aligned_through_augmentation(datalist):
     transform = parser.get_parsed_content("train#unlabeled#preprocessing")
     transform.set_random_state(0)
     entry = parser.get_parsed_content("train#unlabeled#datalist")[0]
-    assert set(entry) == {"id", "image", "registered_label"}  # the true label never reaches training
+    # the true label never reaches training; the RSL weight from the BRS rank does (one scored volume: 1)
+    assert set(entry) == {"id", "image", "registered_label", "registered_label_weight"} and entry["registered_label_weight"] == 1.0
     distinct, flipped_agreement = set(), []
     for _ in range(40):
         out = transform(dict(entry))
