@@ -96,3 +96,16 @@ def test_every_boolean_switch_is_read_through_flag():
                 if m.group(1) in switches and not line[: m.start()].endswith("flag("):
                     bare.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bare, "switches read without scripts.config_values.flag:\n" + "\n".join(bare)
+
+
+def test_inference_flip_tta_from_the_command_line():
+    assert _parser(["inference.yaml"], flip_tta="true").get_parsed_content("inferer").flip_tta is True
+    assert _parser(["inference.yaml"], flip_tta="false").get_parsed_content("inferer").flip_tta is False
+    ct_model = _parser(["inference.yaml"], flip_tta="true")
+    ct_model["default_model_config"]["flip_augmentation"] = False   # a model trained without mirror flips
+    with pytest.raises(Exception) as info:
+        ct_model.get_parsed_content("inferer")
+    error = info.value
+    while error.__cause__ is not None:   # the config parser wraps it; the bundle's entry shows the innermost
+        error = error.__cause__
+    assert "without mirror flips" in str(error)
