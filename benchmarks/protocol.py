@@ -116,9 +116,11 @@ def evaluate_command(run: Run, datalist: str, section: str, branch: str | None =
 
 
 def mirror_trained(run: Run) -> bool:
-    """Whether the run's model was trained with mirror flips (model_config.json; absent before 0.4.2: it was)."""
+    """Whether the run's model was trained with mirror flips (its model_config.json)."""
+    from scripts.training.model_config import trained_with_flips
+
     model_config = run.folder / "models" / "model_config.json"
-    return model_config.exists() and bool(json.loads(model_config.read_text()).get("flip_augmentation", True))
+    return model_config.exists() and trained_with_flips(json.loads(model_config.read_text()))
 
 
 def add_tta(run: Run, section: str) -> dict:

@@ -79,7 +79,7 @@ class SliceFeatureBank:
         keys = [tuple(int(x) for x in k) for k in state["keys"]]
         if len(keys) > bank.capacity or len(state["features"]) != len(keys):
             raise ValueError(f"bank state: {len(keys)} keys, {len(state['features'])} maps, capacity {bank.capacity}")
-        for slot, key in enumerate(keys):
+        for key in keys:   # fills slots 0, 1, ... in FIFO order
             bank._slot_for(key)
         if keys:
             bank.features[: len(keys)] = state["features"].to(bank.features)

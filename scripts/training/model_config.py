@@ -39,7 +39,7 @@ from monai.bundle import ConfigParser
 from scripts.data.atomic_io import write_json
 from scripts.user_errors import BundleInputError
 
-__all__ = ["ModelConfigError", "build", "build_model", "checked_patch_size", "checked_flip_tta", "read_model_config", "write_model_config", "load_weights"]
+__all__ = ["ModelConfigError", "build", "build_model", "checked_patch_size", "checked_flip_tta", "trained_with_flips", "read_model_config", "write_model_config", "load_weights"]
 
 FORMAT = 1
 _REQUIRED = ("networks", "patch_size", "class_names", "intensity")
@@ -102,12 +102,16 @@ def checked_patch_size(config: Mapping[str, Any], requested: Any = None) -> list
     return trained
 
 
-def checked_flip_tta(config: Mapping[str, Any], requested: bool) -> bool:
-    """Mirror test-time augmentation, refused for a model trained without mirror flips.
+def trained_with_flips(config: Mapping[str, Any]) -> bool:
+    """Whether the model was trained with mirror flips. ``model_config.json`` records ``flip_augmentation``
+    since 0.4.2; a description without it was written by a run that trained with flips, the only kind
+    before the CT overlay turned them off."""
+    return bool(config.get("flip_augmentation", True))
 
-    ``model_config.json`` records ``flip_augmentation`` (since 0.4.2; a description without it was
-    written by a run that trained with flips, the only kind before the CT overlay turned them off)."""
-    if requested and not config.get("flip_augmentation", True):
+
+def checked_flip_tta(config: Mapping[str, Any], requested: bool) -> bool:
+    """Mirror test-time augmentation, refused for a model not :func:`trained_with_flips`."""
+    if requested and not trained_with_flips(config):
         raise ModelConfigError(
             "flip_tta: this model was trained without mirror flips (flip_augmentation false in model_config.json, "
             "e.g. abdominal CT, where a mirror image swaps left and right organs); leave --flip_tta unset")
