@@ -71,3 +71,32 @@ def test_evaluation_of_mean_and_each_branch(tmp_path, data, straight):
     best = _state(straight)["best_model"]["best_metric"]
     mean = sum(scores["mean"].values()) / 3
     assert mean == pytest.approx(best, abs=1e-4)
+
+
+def _model(run_dir: Path) -> dict:
+    return torch.load(run_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
+
+
+def _differs(a: dict, b: dict) -> bool:
+    return any(not torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a if a[k].is_floating_point())
+
+
+def test_weight_average_is_validated_saved_and_resumed_while_the_students_train_as_without_it(tmp_path, data, straight):
+    """--ema_decay: the students' weights equal a run without it; model.pt is the average; resume keeps it."""
+    ema = ["--ema_decay", "0.9"]
+    run_bundle(tmp_path / "ema", CCT_R, data["rsl"], *RUN, *ema)
+    state, plain = _state(tmp_path / "ema"), _state(straight)
+    for name, value in plain["network"].items():
+        torch.testing.assert_close(state["network"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    average = state["weight_average"]
+    assert set(average) == set(state["network"]) and _differs(average, state["network"])
+    assert "weight_average" not in plain
+
+    part = tmp_path / "part"   # one validation round (iteration 2): it selects and saves the average
+    run_bundle(part, CCT_R, data["rsl"], *RUN, *ema, "--max_epochs", "1")
+    first = _state(part)
+    saved = _model(part)
+    assert not _differs(saved, first["weight_average"]) and _differs(saved, first["network"])
+    run_bundle(part, CCT_R, data["rsl"], *RUN, *ema, "--resume", "true")
+    for name, value in average.items():
+        torch.testing.assert_close(_state(part)["weight_average"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -146,3 +146,39 @@ def test_registration_leaves_the_training_thread_count_alone(tmp_path, datalist)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_rsl_partners_votes_the_k_best_partners_labels(tmp_path, monkeypatch):
+    """--rsl_partners 3: RSL reads rsl_datalist_top3.json, whose label is the vote of the 3 best BRS partners."""
+    import nibabel as nib
+    import numpy as np
+
+    from scripts.registration.propagation import majority_vote
+
+    data = phantom.ensure_phantom_dataset(tmp_path / "ph3", n_labeled=3, n_unlabeled=2, n_validation=0, n_test=0, seed=7)
+    calls = _count_registered_pairs(monkeypatch)
+    single = _stage(data, tmp_path / "registration")
+    assert Path(single.datalist).name == "rsl_datalist.json"
+    stage = _stage(data, tmp_path / "registration", rsl_partners=3)
+    out = Path(stage.datalist)
+    assert out.name == "rsl_datalist_top3.json" and out.parent == Path(single.datalist).parent
+    assert calls == [2 * 3 * 2, 0]   # the vote reuses the pairs BRS registered
+    brs = json.loads((out.parent / "brs.json").read_text())
+    best = {e["id"]: e for e in json.loads(Path(single.datalist).read_text())["unlabeled"]}
+    changed = 0
+    for entry in json.loads(out.read_text())["unlabeled"]:
+        ranked = [s["partner"] for s in brs[entry["id"]]]
+        assert entry["partners"] == ranked[:3] and entry["partner"] == best[entry["id"]]["partner"] == ranked[0]
+        assert entry["brs_score"] == best[entry["id"]]["brs_score"]
+        warped = [np.asarray(nib.load(out.parent / "registered_labels" / f"{entry['id']}__from__{p}.nii.gz").dataobj)
+                  for p in ranked[:3]]
+        fused = np.asarray(nib.load(out.parent / entry["registered_label"]).dataobj)
+        np.testing.assert_array_equal(fused, majority_vote(warped, 4))
+        # where the two runners-up agree against the best partner, the vote follows them
+        outvoted = (warped[1] == warped[2]) & (warped[0] != warped[1])
+        np.testing.assert_array_equal(fused[outvoted], warped[1][outvoted])
+        changed += int(outvoted.sum())
+    assert changed > 0   # the vote differs from the best partner's label somewhere
+    for bad in (0, 2):
+        with pytest.raises(RegistrationSetupError, match="rsl_partners"):
+            _stage(data, tmp_path / "registration", rsl_partners=bad)

@@ -43,6 +43,8 @@ class TrainingRegistration:
         registration_dir: an existing registration output folder to use instead of registering.
         reps_partners: REPS partners per volume when registering here (``"all"`` or a number).
         random_partner: use ``rsl_datalist_random.json`` (a random labeled partner, the no-BRS ablation).
+        rsl_partners: k > 1 uses ``rsl_datalist_top<k>.json`` (RSL from the majority vote of the k best
+            BRS partners' registered labels); 1: the best partner's (the paper).
         runner_kwargs: the remaining :class:`~scripts.registration.runner.RegistrationRunner` arguments
             (engine, engine_settings, brs, workers, num_threads, num_classes, evaluation_sections, ...).
     """
@@ -50,13 +52,21 @@ class TrainingRegistration:
     def __init__(self, datalist: str | os.PathLike, output_root: str | os.PathLike, rsl: bool = True,
                  reps: bool = False, registration_dir: str | os.PathLike | None = None,
                  reps_partners: int | str | None = 4, random_partner: bool = False, montage: bool = True,
-                 **runner_kwargs) -> None:
+                 rsl_partners: int = 1, **runner_kwargs) -> None:
         self.source = str(datalist)
         self.output_root = Path(output_root)
         self.rsl, self.reps = bool(rsl), bool(reps)
         self.given_dir = registration_dir
         self.reps_partners = reps_partners if self.reps else None
         self.random_partner = bool(random_partner)
+        self.rsl_partners = 1 if rsl_partners is None else int(rsl_partners)
+        if self.rsl_partners < 1 or self.rsl_partners == 2:
+            raise RegistrationSetupError(
+                f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a majority vote), got {rsl_partners}: "
+                "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
+        if self.random_partner and self.rsl_partners > 1:
+            raise RegistrationSetupError("brs_random_partner and rsl_partners > 1 exclude each other: "
+                                         "one random partner, or a vote of the k best")
         self.montage = bool(montage)
         self.runner_kwargs = runner_kwargs
         self._resolved: tuple[str, str | None] | None = None
@@ -67,7 +77,9 @@ class TrainingRegistration:
 
     @property
     def datalist_name(self) -> str:
-        return "rsl_datalist_random.json" if self.random_partner else "rsl_datalist.json"
+        if self.random_partner:
+            return "rsl_datalist_random.json"
+        return f"rsl_datalist_top{self.rsl_partners}.json" if self.rsl_partners > 1 else "rsl_datalist.json"
 
     @property
     def datalist(self) -> str:
@@ -101,7 +113,7 @@ class TrainingRegistration:
         unlabeled = read_datalist(self.source).get("unlabeled", [])
         if not unlabeled:  # nothing to register: the unlabeled half has no volume (the trainer says so)
             return self.source, None
-        if all("registered_label" in e for e in unlabeled) and not self.random_partner:
+        if all("registered_label" in e for e in unlabeled) and self.datalist_name == "rsl_datalist.json":
             folder = Path(self.source).resolve().parent
             self._check_transforms(folder)
             return self.source, str(folder) if (folder / "transforms.npz").exists() else None
@@ -119,12 +131,13 @@ class TrainingRegistration:
 
         runner = RegistrationRunner(
             self.source, self.output_root, reps_partners=self.reps_partners,
-            random_partner_datalist=self.random_partner, **self.runner_kwargs,
+            random_partner_datalist=self.random_partner, rsl_partners=self.rsl_partners, **self.runner_kwargs,
         )
         logger.info("registration before training: %s", runner.output_dir)
         runner.run()
         folder = runner.output_dir
-        montage = folder / ("qc_montage_random.png" if self.random_partner else "qc_montage.png")
+        montage = folder / {"rsl_datalist.json": "qc_montage.png"}.get(
+            self.datalist_name, self.datalist_name.replace("rsl_datalist", "qc_montage").replace(".json", ".png"))
         if self.montage and not (runner.reused and montage.exists()):
             from scripts.registration.qc_montage import write_qc_montage
 

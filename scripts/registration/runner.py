@@ -10,7 +10,9 @@
 4. writes ``rsl_datalist.json`` (the input datalist + ``registered_label``, ``partner``,
    ``brs_score`` per unlabeled entry), ``brs.json`` and ``summary.json``; with
    ``random_partner_datalist`` also ``rsl_datalist_random.json``, the same with a random labeled
-   partner (registered both ways) instead of the BRS choice (the ablation's "+RSL" row),
+   partner (registered both ways) instead of the BRS choice (the ablation's "+RSL" row); with
+   ``rsl_partners`` k > 1 also ``rsl_datalist_top<k>.json``, whose registered label is the voxel-wise
+   majority vote of the k best BRS partners' warped labels (ties to the better-ranked partner),
 5. optionally evaluates the registration-only baseline on the evaluation sections.
 """
 
@@ -27,17 +29,19 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.atomic_io import write_json
+from ..data.atomic_io import save_nifti, write_json
 from ..data.run_folders import lock_folder
 from ..data.datalist import load_datalist, read_datalist
 from .baseline import run_baseline
 from .brs import BestRegistrationSelector
 from .engine import PairSpec, make_engine
 from .pairs import plan_pairs
-from .propagation import PropagateLabeld
+from .propagation import PropagateLabeld, majority_vote
 from .store import TransformStore, settings_key
 from ..worker_processes import exit_with_parent
 
@@ -58,6 +62,7 @@ class RegistrationRunner:
         brs: ``{"w_rmse": ..., "w_mi": ..., "spacing": ...}`` for :class:`BestRegistrationSelector`.
         propagation_mode: ``"nearest"`` or ``"onehot"``.
         top_k: also fuse the top-k BRS partners by majority vote in the baseline (0/1: off).
+        rsl_partners: k > 1 also writes ``rsl_datalist_top<k>.json`` (RSL from the top-k vote; 1: off).
         num_classes: label classes including background (for one-hot propagation and fusion).
         num_threads: torch intra-op threads per process (``None``: leave as is).
         workers: processes registering batches in parallel (each with its own engine and volume
@@ -84,6 +89,7 @@ class RegistrationRunner:
         progress: bool = True,
         seed: int = 0,
         random_partner_datalist: bool = False,
+        rsl_partners: int = 1,
     ) -> None:
         self.datalist = Path(datalist)
         self.engine_name, self.engine_kwargs = engine, dict(engine_settings or {})
@@ -104,6 +110,10 @@ class RegistrationRunner:
         self.progress = progress
         self.seed = int(seed)
         self.random_partner_datalist = bool(random_partner_datalist)
+        self.rsl_partners = 1 if rsl_partners is None else int(rsl_partners)
+        if self.rsl_partners < 1 or self.rsl_partners == 2:
+            raise ValueError(f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a vote), got {rsl_partners}: "
+                             "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
         self.reused = False  # set by run(): True when an earlier run's outputs were complete
 
     # ------------------------------------------------------------------ data
@@ -188,6 +198,8 @@ class RegistrationRunner:
     def completed_summary(self, pairs: list[PairSpec], with_baseline: bool) -> dict | None:
         """The stored summary when an earlier run finished every one of ``pairs`` and wrote its outputs."""
         outputs = ["summary.json", "rsl_datalist.json"] + (["rsl_datalist_random.json"] if self.random_partner_datalist else [])
+        if self.rsl_partners > 1:
+            outputs.append(fused_datalist_name(self.rsl_partners))
         if not all((self.output_dir / name).exists() for name in outputs):
             return None
         done = TransformStore(self.output_dir, self.settings).done()
@@ -254,6 +266,8 @@ class RegistrationRunner:
                     entry["brs_score"] = float(chosen.score)
                 out_unlabeled.append(entry)
             write_json(self.output_dir / filename, {**data, "unlabeled": out_unlabeled})
+        if self.rsl_partners > 1:
+            self._write_fused(data, ranking, propagate)
         write_json(
             self.output_dir / "brs.json",
             {t: [s.__dict__ for s in scores] for t, scores in ranking.items()},
@@ -277,6 +291,37 @@ class RegistrationRunner:
         write_json(self.output_dir / "summary.json", summary)
         logger.info("registration done: %s", json.dumps({k: summary[k] for k in ("pairs", "registration_seconds")}))
         return summary
+
+
+    def _write_fused(self, data: dict, ranking: dict[str, list], propagate: PropagateLabeld) -> None:
+        """``rsl_datalist_top<k>.json``: each unlabeled volume's registered label is the majority vote of
+        its k best-ranked partners' warped labels (fewer when fewer registered); ``partner`` and
+        ``brs_score`` stay the best partner's (REPS, the RSL reliability weights), ``partners`` lists all."""
+        k = self.rsl_partners
+        out_dir = self.output_dir / "registered_labels"
+        out_unlabeled = []
+        for entry in data.get("unlabeled", []):
+            entry = dict(entry)
+            top = [r for r in ranking.get(entry["id"], []) if math.isfinite(r.score)][:k]
+            if not top:
+                entry.update(registered_label=None, partner=None, brs_score=None, partners=[])
+                out_unlabeled.append(entry)
+                continue
+            path = out_dir / f"{entry['id']}__top{k}.nii.gz"
+            if not path.exists():
+                warped = [propagate({**entry, "partner": r.partner})["registered_label"] for r in top]
+                images = [nib.load(w) for w in warped]
+                fused = majority_vote([np.asarray(im.dataobj) for im in images], self.num_classes)
+                save_nifti(fused, images[0].affine, path, dtype=np.uint8)
+            entry.update(registered_label=os.path.relpath(os.path.abspath(path), os.path.abspath(self.output_dir)),
+                         partner=top[0].partner, brs_score=float(top[0].score), partners=[r.partner for r in top])
+            out_unlabeled.append(entry)
+        write_json(self.output_dir / fused_datalist_name(k), {**data, "unlabeled": out_unlabeled})
+
+
+def fused_datalist_name(k: int) -> str:
+    """The RSL datalist of the top-``k`` vote (``k > 1``)."""
+    return f"rsl_datalist_top{int(k)}.json"
 
 
 _WORKER_ENGINE = None
