@@ -54,6 +54,9 @@ def test_command_line_false_and_null_switch_things_off():
     # and "true" switches them on
     p = _parser(["train.yaml"], amp="true", cl_joint_space="true", deformable="true")
     assert p.get_parsed_content("train#trainer#amp") is True
+    # MONAI's evaluator autocasts to "cuda" only: on a CPU it stays off instead of warning at every validation
+    cuda = p.get_parsed_content("device").type == "cuda"
+    assert p.get_parsed_content("validate#evaluator#amp") is cuda
     assert p.get_parsed_content("registration_torch_settings#deformable") is True
     assert p.get_parsed_content("contrastive#term#joint") is True
 
@@ -61,6 +64,8 @@ def test_command_line_false_and_null_switch_things_off():
 def test_inference_amp_false_from_the_command_line():
     p = _parser(["inference.yaml"], amp="false")
     assert p.get_parsed_content("evaluator#amp") is False
+    p = _parser(["inference.yaml"], amp="true")
+    assert p.get_parsed_content("evaluator#amp") is (p.get_parsed_content("device").type == "cuda")
 
 
 def test_use_reps_and_progress_false_from_the_command_line():
