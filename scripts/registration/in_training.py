@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from scripts.data.datalist import read_datalist
+from scripts.registration.runner import checked_rsl_partners, fused_datalist_name
 from scripts.user_errors import BundleInputError
 
 __all__ = ["RegistrationSetupError", "TrainingRegistration"]
@@ -59,11 +60,10 @@ class TrainingRegistration:
         self.given_dir = registration_dir
         self.reps_partners = reps_partners if self.reps else None
         self.random_partner = bool(random_partner)
-        self.rsl_partners = 1 if rsl_partners is None else int(rsl_partners)
-        if self.rsl_partners < 1 or self.rsl_partners == 2:
-            raise RegistrationSetupError(
-                f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a majority vote), got {rsl_partners}: "
-                "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
+        try:
+            self.rsl_partners = checked_rsl_partners(rsl_partners)
+        except ValueError as e:
+            raise RegistrationSetupError(str(e)) from None
         if self.random_partner and self.rsl_partners > 1:
             raise RegistrationSetupError("brs_random_partner and rsl_partners > 1 exclude each other: "
                                          "one random partner, or a vote of the k best")
@@ -79,7 +79,7 @@ class TrainingRegistration:
     def datalist_name(self) -> str:
         if self.random_partner:
             return "rsl_datalist_random.json"
-        return f"rsl_datalist_top{self.rsl_partners}.json" if self.rsl_partners > 1 else "rsl_datalist.json"
+        return fused_datalist_name(self.rsl_partners) if self.rsl_partners > 1 else "rsl_datalist.json"
 
     @property
     def datalist(self) -> str:
@@ -136,8 +136,7 @@ class TrainingRegistration:
         logger.info("registration before training: %s", runner.output_dir)
         runner.run()
         folder = runner.output_dir
-        montage = folder / {"rsl_datalist.json": "qc_montage.png"}.get(
-            self.datalist_name, self.datalist_name.replace("rsl_datalist", "qc_montage").replace(".json", ".png"))
+        montage = folder / self.datalist_name.replace("rsl_datalist", "qc_montage").replace(".json", ".png")
         if self.montage and not (runner.reused and montage.exists()):
             from scripts.registration.qc_montage import write_qc_montage
 

@@ -110,10 +110,7 @@ class RegistrationRunner:
         self.progress = progress
         self.seed = int(seed)
         self.random_partner_datalist = bool(random_partner_datalist)
-        self.rsl_partners = 1 if rsl_partners is None else int(rsl_partners)
-        if self.rsl_partners < 1 or self.rsl_partners == 2:
-            raise ValueError(f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a vote), got {rsl_partners}: "
-                             "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
+        self.rsl_partners = checked_rsl_partners(rsl_partners)
         self.reused = False  # set by run(): True when an earlier run's outputs were complete
 
     # ------------------------------------------------------------------ data
@@ -292,7 +289,6 @@ class RegistrationRunner:
         logger.info("registration done: %s", json.dumps({k: summary[k] for k in ("pairs", "registration_seconds")}))
         return summary
 
-
     def _write_fused(self, data: dict, ranking: dict[str, list], propagate: PropagateLabeld) -> None:
         """``rsl_datalist_top<k>.json``: each unlabeled volume's registered label is the majority vote of
         its k best-ranked partners' warped labels (fewer when fewer registered); ``partner`` and
@@ -317,6 +313,15 @@ class RegistrationRunner:
                          partner=top[0].partner, brs_score=float(top[0].score), partners=[r.partner for r in top])
             out_unlabeled.append(entry)
         write_json(self.output_dir / fused_datalist_name(k), {**data, "unlabeled": out_unlabeled})
+
+
+def checked_rsl_partners(value: int | None) -> int:
+    """``rsl_partners`` as a number: 1 (the best BRS partner; ``None`` too) or at least 3 (a vote)."""
+    k = 1 if value is None else int(value)
+    if k < 1 or k == 2:
+        raise ValueError(f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a majority vote), got {value}: "
+                         "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
+    return k
 
 
 def fused_datalist_name(k: int) -> str:
