@@ -8,6 +8,10 @@ On a synthetic phantom generated here (the bundle's own data; nothing is downloa
   with the registrations replaced by the phantom's true transforms, validation and handlers off,
   ``--iterations`` timed after ``--warmup``, with and without AMP; peak GPU memory per case.
 
+With ``--datalist`` (and ``--registration_dir``, a finished registration of that datalist) the same timings
+run on real volumes instead: registration pairs between its labeled and unlabeled volumes, and
+training on that datalist with those registrations (``benchmarks/gpu_acdc.sh`` passes ACDC).
+
 Prints one table and writes JSON (``--out``). Runs on the CPU too (``--device cpu``), e.g. to check the
 script before a GPU is lent:
 
@@ -61,6 +65,20 @@ def make_data(root: Path, n_labeled: int, n_unlabeled: int) -> tuple[str, str, l
     return str(datalist), str(root / "registration"), pairs
 
 
+def real_data(datalist: str, registration_dir: str) -> tuple[str, str, list]:
+    """Pairs of a real datalist as registration registers them: every labeled volume with every unlabeled
+    one, both directions (cycle consistency), interleaved so that the first N pairs cover many volumes."""
+    from scripts.data.datalist import load_datalist
+    from scripts.registration.engine import PairSpec
+
+    labeled, unlabeled = load_datalist(datalist, "training"), load_datalist(datalist, "unlabeled")
+    pairs = []
+    for u in unlabeled:
+        for a in labeled:
+            pairs += [PairSpec(u["id"], u["image"], a["id"], a["image"]), PairSpec(a["id"], a["image"], u["id"], u["image"])]
+    return datalist, registration_dir, pairs
+
+
 def time_registration(pairs: list, device: str, limit: int | None) -> dict:
     from monai.bundle import ConfigParser
 
@@ -91,7 +109,7 @@ def time_training(datalist: str, registration: str, device: str, patch: int, bat
     parser.read_config(str(ROOT / "configs" / "train.yaml"))
     parser.update({
         "bundle_root": tempfile.mkdtemp(prefix="gpu_check_"), "datalist_file": datalist, "registration_dir": registration,
-        "patch_size": [patch, patch], "batch_size": batch, "num_workers": 2, "cache_num_workers": 0,
+        "patch_size": [patch, patch], "batch_size": batch, "num_workers": 4, "cache_num_workers": 0,
         "val_interval": warmup + iterations, "num_iterations": 40000, "max_epochs": 1, "amp": amp,
         "device": f"$torch.device('{device}')", "train#handlers": [],
     })
@@ -130,17 +148,24 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=0, help="registration pairs to time (0: all)")
     ap.add_argument("--cpu_pairs", type=int, default=4, help="pairs registered on the CPU for the ratio")
+    ap.add_argument("--datalist", default=None, help="time on this datalist's volumes instead of the phantom")
+    ap.add_argument("--registration_dir", default=None, help="with --datalist: its finished registration folder")
+    ap.add_argument("--amp", nargs="+", type=int, default=[0, 1], help="training timed with amp off (0) and/or on (1)")
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="gpu_check_data_"))
-    datalist, registration, pairs = make_data(root, n_labeled=4, n_unlabeled=8)
-    report = {"machine": platform.platform(), "torch": torch.__version__, "device": args.device,
+    if bool(args.datalist) != bool(args.registration_dir):
+        raise SystemExit("--datalist and --registration_dir go together")
+    if args.datalist:
+        datalist, registration, pairs = real_data(args.datalist, args.registration_dir)
+    else:
+        datalist, registration, pairs = make_data(Path(tempfile.mkdtemp(prefix="gpu_check_data_")), n_labeled=4, n_unlabeled=8)
+    report = {"data": args.datalist or "phantom", "machine": platform.platform(), "torch": torch.__version__, "device": args.device,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "threads": torch.get_num_threads()}
     report["registration"] = [time_registration(pairs, args.device, args.pairs or None)]
     if args.device != "cpu" and args.cpu_pairs:
         report["registration"].append(time_registration(pairs, "cpu", args.cpu_pairs))
     report["training"] = [time_training(datalist, registration, args.device, args.patch, args.batch, args.warmup, args.iterations, amp)
-                          for amp in (False, True)]
+                          for amp in (bool(a) for a in args.amp)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\n{report['gpu'] or report['device']} | torch {report['torch']}")

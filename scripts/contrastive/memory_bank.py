@@ -139,9 +139,9 @@ class SliceFeatureBank:
                     rows.append(b)
         if slots:
             slot_t = torch.tensor(slots, dtype=torch.long, device=self.features.device)
-            rows_t = torch.tensor(rows, dtype=torch.long, device=features.device)
-            self.features[slot_t] = features.detach()[rows_t].permute(0, 2, 3, 1).to(self.features)
-            self.frames[slot_t] = frames.detach()[rows_t].to(self.frames)
+            rows_t = torch.tensor(rows, dtype=torch.long)  # indexes the features and the frames, each on its own device
+            self.features[slot_t] = features.detach()[rows_t.to(features.device)].permute(0, 2, 3, 1).to(self.features)
+            self.frames[slot_t] = frames.detach()[rows_t.to(frames.device)].to(self.frames)
 
     def lookup(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear features at original in-plane points ``uv (..., 2)`` of slices ``(volume, slice_index)``.
