@@ -9,7 +9,8 @@
 # 2. from the measured iterations/s, the largest multiple of 60 iterations that two runs side by side
 #    finish in the time left (validation every 1/6 of the run), then the protocol runner's default
 #    ("best") and paper-faithful `cct_r` (seed 12345) on that budget, evaluated as on the CPU;
-# 3. beside them, the test suite on CUDA (pytest-xdist, 4 workers; the SimpleITK tests skipped).
+# 3. beside them, the test suite on CUDA (pytest-xdist, 4 workers, verbose so that a cut run names its
+#    failures; the SimpleITK, jsonschema tests skipped).
 #
 # The GPU machine has PyTorch but no network and no files outside the repository, so what it needs
 # travels in ignored folders (benchmarks/results/gpu_h200.md has the commands that made them):
@@ -53,13 +54,14 @@ left=$(( budget - $(elapsed) ))
 iterations=$(python3 -c "print(max(60, int(($left - 150) * $rate * 0.55) // 60 * 60))")
 [[ -n "${ITERATIONS:-}" ]] && iterations=$ITERATIONS
 echo "== $iterations iterations of each variant (one run alone: $rate it/s; $left s left), tests on CUDA beside them"
-( timeout $(( left > 330 ? 300 : left - 30 )) python3 -m pytest -q -p no:cacheprovider -n 4 tests -k "not sitk" \
+( timeout $(( left > 330 ? 300 : left - 30 )) python3 -m pytest -v -rfE --tb=line -p no:cacheprovider -n 4 --timeout 120 tests -k "not sitk" \
     --ignore=tests/test_registration_geometry.py --ignore=tests/test_phantom.py --ignore=tests/test_bundle_metadata.py \
     > "$RES/tests.log" 2>&1; echo "tests exit $?" >> "$RES/tests.log" ) &
 protocol $(( left - 15 )) "$iterations" $(( iterations / 6 )) /tmp/gpu_long 2>&1 | grep -v -i warn | tail -25
 cp /tmp/gpu_long/table.md "$RES/long_table.md"; cp /tmp/gpu_long/table.json "$RES/long_table.json"
 for v in best cct_r; do cp /tmp/gpu_long/${v}_s12345/train.log "$RES/train_$v.log" 2>/dev/null; done
 wait
-tail -3 "$RES/tests.log"
+grep -E "^(FAILED|ERROR) " "$RES/tests.log" | tail -30
+echo "tests passed: $(grep -c " PASSED" "$RES/tests.log"), failed: $(grep -c " FAILED" "$RES/tests.log"), errors: $(grep -c " ERROR" "$RES/tests.log")"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
 echo "== total $(elapsed) s"
