@@ -114,3 +114,16 @@ def test_inference_flip_tta_from_the_command_line():
     while error.__cause__ is not None:   # the config parser wraps it; the bundle's entry shows the innermost
         error = error.__cause__
     assert "without mirror flips" in str(error)
+
+
+@pytest.mark.parametrize("overlays,expected", [
+    ([], 1.0),  # the default (0.5.0) trains with the weak-to-strong term
+    (["variants/cct_r.yaml"], 0.0),  # the paper's settings
+    (["variants/cts.yaml"], 0.0), (["variants/cps.yaml"], 0.0), (["variants/uamt.yaml"], 0.0),
+    (["variants/uamt_rsl.yaml"], 0.0), (["variants/mcsc.yaml"], 0.0), (["variants/tac.yaml"], 0.0),
+    (["variants/ls.yaml"], 0.0), (["variants/ls.yaml", "variants/fs.yaml"], 0.0),
+    (["variants/cts.yaml", "variants/w2s.yaml"], 1.0),  # w2s.yaml adds it back to a baseline
+])
+def test_weak_to_strong_is_on_by_default_and_pinned_off_in_the_paper_settings_and_baselines(overlays, expected):
+    parser = _parser(["train.yaml"] + overlays)
+    assert float(parser.get_parsed_content("w2s_weight")) == expected
