@@ -20,6 +20,9 @@
 #                             /tmp/acdc_pack, with its datalist .gpu/acdc_1.json (absolute /tmp/acdc_pack paths)
 #   registration/             the finished registration of that datalist (made on the CPU here)
 # Results go to $OUT (the device tool's folder) or benchmarks/results/gpu_acdc/.
+# Environment: DATALIST, REG (its registration folder), VARIANTS (protocol --variants, default
+# "best= cct_r=variants/cct_r.yaml"), SEEDS (default 12345), PARALLEL (runs side by side, default 2),
+# ITERATIONS (instead of sizing the runs from the measured rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-540}
@@ -33,13 +36,13 @@ if ! python3 -c "import monai, ignite, nibabel, fire" 2>/dev/null; then
 fi
 python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 [[ -d /tmp/acdc_pack ]] || tar -C /tmp -xJf .gpu/acdc_pack.tar.xz || exit 1
-DATALIST=.gpu/acdc_1.json
-REG=$(ls -d registration/torch_affine_* | head -1)
+DATALIST=${DATALIST:-.gpu/acdc_1.json}   # e.g. a 7-labeled datalist of the same folder (its registration carried too)
+REG=${REG:-$(ls -d registration/torch_affine_* | head -1)}
 echo "== data $DATALIST, registration $REG ($(( $(date +%s) - start )) s)"
 
 protocol() {  # $1 time limit (s), $2 iterations, $3 validation interval, $4 out
   timeout "$1" python3 benchmarks/protocol.py --datalist "$DATALIST" --dataset datasets/acdc.yaml \
-    --variants "best=" "cct_r=variants/cct_r.yaml" --seeds 12345 --preset full --parallel 2 \
+    --variants ${VARIANTS:-"best=" "cct_r=variants/cct_r.yaml"} --seeds ${SEEDS:-12345} --preset full --parallel "${PARALLEL:-2}" \
     --set num_iterations="$2" val_interval="$3" num_threads=4 num_workers=5 cache_num_workers=4 --out "$4"
 }
 elapsed() { echo $(( $(date +%s) - start )); }
