@@ -103,10 +103,13 @@ def test_every_boolean_switch_is_read_through_flag():
     assert not bare, "switches read without scripts.config_values.flag:\n" + "\n".join(bare)
 
 
-def test_inference_flip_tta_from_the_command_line():
-    assert _parser(["inference.yaml"], flip_tta="true").get_parsed_content("inferer").flip_tta is True
-    assert _parser(["inference.yaml"], flip_tta="false").get_parsed_content("inferer").flip_tta is False
-    ct_model = _parser(["inference.yaml"], flip_tta="true")
+def test_inference_flip_tta_from_the_command_line(tmp_path):
+    # an empty model folder: the built-in model config, not that of a model the README's first command
+    # may have trained in the bundle root (models/model_config.json) before the tests run
+    ckpt = str(tmp_path)
+    assert _parser(["inference.yaml"], flip_tta="true", ckpt_dir=ckpt).get_parsed_content("inferer").flip_tta is True
+    assert _parser(["inference.yaml"], flip_tta="false", ckpt_dir=ckpt).get_parsed_content("inferer").flip_tta is False
+    ct_model = _parser(["inference.yaml"], flip_tta="true", ckpt_dir=ckpt)
     ct_model["default_model_config"]["flip_augmentation"] = False   # a model trained without mirror flips
     with pytest.raises(Exception) as info:
         ct_model.get_parsed_content("inferer")
