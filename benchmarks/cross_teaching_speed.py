@@ -73,6 +73,11 @@ def make_datalist(root: Path, n_labeled: int = 4, n_unlabeled: int = 4) -> str:
     return str(out)
 
 
+#: What a config needs to train from :func:`make_datalist`'s datalist: its registered labels are the true
+#: labels, with no BRS scores, so RSL weights them equally (the default's ``rank`` needs the scores).
+TRUE_LABEL_OVERRIDES = {"rsl_reliability": "none"}
+
+
 # ---------------------------------------------------------------------------------- one case (child process)
 def _parser(files: list[str], datalist: str, patch: int, batch: int, iterations: int, feature_size: int):
     from monai.bundle import ConfigParser
@@ -93,6 +98,7 @@ def _parser(files: list[str], datalist: str, patch: int, batch: int, iterations:
             "swin_feature_size": feature_size,
             "amp": False,
             "train#handlers": [],
+            **TRUE_LABEL_OVERRIDES,
         }
     )
     return parser

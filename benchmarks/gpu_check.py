@@ -66,16 +66,11 @@ def make_data(root: Path, n_labeled: int, n_unlabeled: int) -> tuple[str, str, l
 
 
 def real_data(datalist: str, registration_dir: str) -> tuple[str, str, list]:
-    """Pairs of a real datalist as registration registers them: every labeled volume with every unlabeled
-    one, both directions (cycle consistency), interleaved so that the first N pairs cover many volumes."""
+    """A real datalist's labeled <-> unlabeled pairs (both directions), as registration plans them."""
     from scripts.data.datalist import load_datalist
-    from scripts.registration.engine import PairSpec
+    from scripts.registration.pairs import plan_pairs
 
-    labeled, unlabeled = load_datalist(datalist, "training"), load_datalist(datalist, "unlabeled")
-    pairs = []
-    for u in unlabeled:
-        for a in labeled:
-            pairs += [PairSpec(u["id"], u["image"], a["id"], a["image"]), PairSpec(a["id"], a["image"], u["id"], u["image"])]
+    pairs = plan_pairs(load_datalist(datalist, "training"), load_datalist(datalist, "unlabeled"))
     return datalist, registration_dir, pairs
 
 
@@ -159,8 +154,9 @@ def main() -> None:
         datalist, registration, pairs = real_data(args.datalist, args.registration_dir)
     else:
         datalist, registration, pairs = make_data(Path(tempfile.mkdtemp(prefix="gpu_check_data_")), n_labeled=4, n_unlabeled=8)
-    # the phantom's registered labels come from its true transforms, not from BRS: no scores to rank them by
-    overrides = {} if args.datalist else {"rsl_reliability": "none"}
+    from cross_teaching_speed import TRUE_LABEL_OVERRIDES
+
+    overrides = {} if args.datalist else TRUE_LABEL_OVERRIDES
     report = {"data": args.datalist or "phantom", "machine": platform.platform(), "torch": torch.__version__, "device": args.device,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "threads": torch.get_num_threads()}
     report["registration"] = [time_registration(pairs, args.device, args.pairs or None)]
