@@ -30,41 +30,36 @@ RES=${OUT:-benchmarks/results/gpu_acdc}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
-if ! python3 -c "import monai, ignite, nibabel, fire" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site benchmarks/wheels/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+. benchmarks/gpu_env.sh   # PY, gpu_install_wheels, gpu_tests
+gpu_install_wheels || exit 1
+"$PY" -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 [[ -d /tmp/acdc_pack ]] || tar -C /tmp -xJf .gpu/acdc_pack.tar.xz || exit 1
 DATALIST=${DATALIST:-.gpu/acdc_1.json}   # e.g. a 7-labeled datalist of the same folder (its registration carried too)
 REG=${REG:-$(ls -d registration/torch_affine_* | head -1)}
 echo "== data $DATALIST, registration $REG ($(( $(date +%s) - start )) s)"
 
 protocol() {  # $1 time limit (s), $2 iterations, $3 validation interval, $4 out
-  timeout "$1" python3 benchmarks/protocol.py --datalist "$DATALIST" --dataset datasets/acdc.yaml \
+  timeout "$1" "$PY" benchmarks/protocol.py --datalist "$DATALIST" --dataset datasets/acdc.yaml \
     --variants ${VARIANTS:-"best=" "cct_r=variants/cct_r.yaml"} --seeds ${SEEDS:-12345} --preset full --parallel "${PARALLEL:-2}" \
     --set num_iterations="$2" val_interval="$3" num_threads=4 num_workers=5 cache_num_workers=4 --out "$4"
 }
 elapsed() { echo $(( $(date +%s) - start )); }
 
 echo "== timings on ACDC volumes (at most 120 s)"
-timeout 120 python3 benchmarks/gpu_check.py --datalist "$DATALIST" --registration_dir "$REG" --pairs "${PAIRS:-256}" --cpu_pairs 8 \
+timeout 120 "$PY" benchmarks/gpu_check.py --datalist "$DATALIST" --registration_dir "$REG" --pairs "${PAIRS:-256}" --cpu_pairs 8 \
   --patch 128 --iterations "${TIMED:-30}" --amp 1 0 --out "$RES/gpu_check_acdc.json" > "$RES/timings.txt" 2>&1
 grep -v -i warn "$RES/timings.txt" | tail -8
-rate=$(python3 -c "import json; print(json.load(open('$RES/gpu_check_acdc.json'))['training'][0]['it_per_s'])" 2>/dev/null || echo 2)
+rate=$("$PY" -c "import json; print(json.load(open('$RES/gpu_check_acdc.json'))['training'][0]['it_per_s'])" 2>/dev/null || echo 2)
 left=$(( budget - $(elapsed) ))
 # two runs share the GPU (about 0.55 of one run's rate each); ~150 s for start-up, validation and the evaluations
-iterations=$(python3 -c "print(max(60, int(($left - 150) * $rate * 0.55) // 60 * 60))")
+iterations=$("$PY" -c "print(max(60, int(($left - 150) * $rate * 0.55) // 60 * 60))")
 [[ -n "${ITERATIONS:-}" ]] && iterations=$ITERATIONS
 echo "== $iterations iterations of each variant (one run alone: $rate it/s; $left s left), tests on CUDA beside them"
-( timeout $(( left > 330 ? 300 : left - 30 )) python3 -m pytest -v -rfE --tb=line -p no:cacheprovider -n 4 --timeout 120 tests -k "not sitk" \
-    --ignore=tests/test_registration_geometry.py --ignore=tests/test_phantom.py --ignore=tests/test_bundle_metadata.py \
-    > "$RES/tests.log" 2>&1; echo "tests exit $?" >> "$RES/tests.log" ) &
+gpu_tests $(( left > 330 ? 300 : left - 30 )) "$RES/tests.log" 4 > /dev/null &
 protocol $(( left - 15 )) "$iterations" $(( iterations / 6 )) /tmp/gpu_long 2>&1 | grep -v -i warn | tail -25
 cp /tmp/gpu_long/table.md "$RES/long_table.md"; cp /tmp/gpu_long/table.json "$RES/long_table.json"
-for v in best cct_r; do cp /tmp/gpu_long/${v}_s12345/train.log "$RES/train_$v.log" 2>/dev/null; done
+for log in /tmp/gpu_long/*/train.log; do cp "$log" "$RES/train_$(basename "$(dirname "$log")").log"; done
 wait
-grep -E "^(FAILED|ERROR) " "$RES/tests.log" | tail -30
-echo "tests passed: $(grep -c " PASSED" "$RES/tests.log"), failed: $(grep -c " FAILED" "$RES/tests.log"), errors: $(grep -c " ERROR" "$RES/tests.log")"
+gpu_test_summary "$RES/tests.log"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
 echo "== total $(elapsed) s"

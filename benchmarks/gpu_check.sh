@@ -21,8 +21,7 @@
 # training need none of them; their test modules are skipped when they are absent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=benchmarks/wheels
-PY=$(command -v python3 || command -v python)   # a GPU image may have python3 only
+. benchmarks/gpu_env.sh   # PY, WHEELS, gpu_install_wheels, gpu_tests
 PKGS="monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 fire==0.7.1 termcolor==3.3.0"
 
 if [[ "${1:-}" == "--download" ]]; then
@@ -35,27 +34,10 @@ fi
 
 start=$(date +%s)
 echo "== GPU: $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))')"
-# install what the machine lacks, beside its own packages (no network: only the carried wheels)
-if ! "$PY" -c "import monai, ignite, nibabel, fire" 2>/dev/null; then
-  echo "== installing from $WHEELS"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site "$WHEELS"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
-fi
-
-# tests: skip the modules whose optional packages are absent; in parallel where pytest-xdist is there;
-# verbose with a per-test limit where pytest-timeout is, so that a cut run names what failed
-ignore=()
-"$PY" -c "import SimpleITK" 2>/dev/null || ignore+=(--ignore=tests/test_registration_geometry.py --ignore=tests/test_phantom.py -k "not sitk")
-"$PY" -c "import jsonschema" 2>/dev/null || ignore+=(--ignore=tests/test_bundle_metadata.py)
-"$PY" -c "import xdist" 2>/dev/null && ignore+=(-n "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))")
-"$PY" -c "import pytest_timeout" 2>/dev/null && ignore+=(--timeout 120)
+gpu_install_wheels || exit 1
 TESTLOG="${OUT:-benchmarks/results}/gpu_check_tests.log"
-echo "== tests (at most 240 s, log $TESTLOG) ${ignore[*]:-}"
-timeout 240 "$PY" -m pytest -v -rfE --tb=line -p no:cacheprovider tests "${ignore[@]}" > "$TESTLOG" 2>&1
-echo "tests exit status: $? (124 = time limit)"
-grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$TESTLOG" | tail -30
-echo "passed: $(grep -c " PASSED" "$TESTLOG"), failed: $(grep -c " FAILED" "$TESTLOG"), errors: $(grep -c " ERROR" "$TESTLOG")"
+gpu_tests 240 "$TESTLOG" "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))"
+gpu_test_summary "$TESTLOG"
 
 echo "== timings (at most 180 s)"
 OUTFILE="${OUT:-benchmarks/results}/gpu_check.json"
