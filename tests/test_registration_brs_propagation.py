@@ -104,3 +104,18 @@ def test_majority_vote_breaks_ties_towards_the_first_map():
     c = np.array([2, 2, 3, 0])
     np.testing.assert_array_equal(majority_vote([a, b, c], 4), [1, 2, 3, 0])
     np.testing.assert_array_equal(majority_vote([a, b], 4), [1, 1, 2, 0])
+    single = majority_vote([c.astype(np.int64)], 4)
+    assert single.dtype == np.uint8
+    np.testing.assert_array_equal(single, c)
+
+
+def test_usable_partners_drop_failed_pairs_and_keep_the_ranking_order():
+    import math
+
+    from scripts.registration.brs import BRSScore, usable
+
+    ranked = [BRSScore("t", "a", 0.5, 1.0, 0.1), BRSScore("t", "b", 0.9, 2.0, 0.1),
+              BRSScore("t", "c", math.inf, math.nan, math.nan)]
+    assert [s.partner for s in usable(ranked)] == ["a", "b"]
+    assert [s.partner for s in usable(ranked, 1)] == ["a"]
+    assert usable(ranked[2:], 3) == []

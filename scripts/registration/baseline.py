@@ -10,14 +10,13 @@ written as NIfTI on v's grid and scored with :func:`scripts.evaluation.metrics.e
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from ..data.atomic_io import save_nifti, write_json
 from ..evaluation.metrics import evaluate_files, summarize, write_reports
-from .brs import BestRegistrationSelector
+from .brs import BestRegistrationSelector, usable
 from .propagation import majority_vote, propagate_label
 from .store import TransformTable
 
@@ -51,7 +50,7 @@ def run_baseline(
         methods[f"top{top_k}"] = []
     choices = {}
     for v in evaluation:
-        ranked = [s for s in selector.rank(table, v["id"], v["image"], partners) if math.isfinite(s.score)]
+        ranked = usable(selector.rank(table, v["id"], v["image"], partners))
         choices[v["id"]] = [(s.partner, s.score) for s in ranked]
         warped: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -70,7 +69,7 @@ def run_baseline(
             if not maps:  # no partner registered: a failure, scored with Dice 0 and named
                 methods[method].append({"id": v["id"], "pred": None, "label": v["label"]})
                 continue
-            label = maps[0][0] if len(maps) == 1 else majority_vote([m[0] for m in maps], num_classes)
+            label = majority_vote([m[0] for m in maps], num_classes)
             path = out_dir / method / f"{v['id']}.nii.gz"
             save_nifti(label, maps[0][1], path, dtype=np.uint8)
             methods[method].append({"id": v["id"], "pred": str(path), "label": v["label"]})

@@ -111,3 +111,9 @@ class BestRegistrationSelector:
         """All partners of one target, best (lowest score) first; missing pairs last."""
         scores = [self.score(table, target_id, target_path, q) for q in partners]
         return sorted(scores, key=lambda s: (s.score, partners.index(s.partner)))
+
+
+def usable(ranked: list[BRSScore], k: int | None = None) -> list[BRSScore]:
+    """The partners of a ranking whose pair registered both ways (finite score), best first; the first ``k``."""
+    finite = [s for s in ranked if math.isfinite(s.score)]
+    return finite if k is None else finite[:k]

@@ -102,6 +102,8 @@ def majority_vote(labels: list[np.ndarray], num_classes: int | None = None) -> n
     """Voxel-wise majority over label maps on the same grid (ties go to the earlier-listed map)."""
     if not labels:
         raise ValueError("majority_vote needs at least one label map")
+    if len(labels) == 1:  # a vote of one (a single registered partner)
+        return np.asarray(labels[0]).astype(np.uint8)
     stack = np.stack([np.asarray(x, dtype=np.int64) for x in labels])
     n_cls = int(num_classes) if num_classes is not None else int(stack.max()) + 1
     counts = np.stack([(stack == c).sum(0) for c in range(n_cls)])

@@ -38,7 +38,7 @@ from ..data.atomic_io import save_nifti, write_json
 from ..data.run_folders import lock_folder
 from ..data.datalist import load_datalist, read_datalist
 from .baseline import run_baseline
-from .brs import BestRegistrationSelector
+from .brs import BestRegistrationSelector, usable
 from .engine import PairSpec, make_engine
 from .pairs import plan_pairs
 from .propagation import PropagateLabeld, majority_vote
@@ -238,13 +238,13 @@ class RegistrationRunner:
         data = read_datalist(self.datalist)
 
         def best_partner(ranked):  # BRS: the lowest round-trip score
-            return ranked[0] if ranked and math.isfinite(ranked[0].score) else None
+            return next(iter(usable(ranked, 1)), None)
 
         rng = random.Random(self.seed)
 
         def random_partner(ranked):  # "+RSL" without BRS (ablation): any partner registered both ways
-            usable = sorted((r for r in ranked if math.isfinite(r.score)), key=lambda r: r.partner)
-            return rng.choice(usable) if usable else None
+            registered = sorted(usable(ranked), key=lambda r: r.partner)
+            return rng.choice(registered) if registered else None
 
         choices = {"rsl_datalist.json": best_partner}
         if self.random_partner_datalist:
@@ -298,7 +298,7 @@ class RegistrationRunner:
         out_unlabeled = []
         for entry in data.get("unlabeled", []):
             entry = dict(entry)
-            top = [r for r in ranking.get(entry["id"], []) if math.isfinite(r.score)][:k]
+            top = usable(ranking.get(entry["id"], []), k)
             if not top:
                 entry.update(registered_label=None, partner=None, brs_score=None, partners=[])
                 out_unlabeled.append(entry)
