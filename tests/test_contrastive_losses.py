@@ -19,19 +19,20 @@ torch.set_num_threads(1)
 
 
 def _eq4_loop(z, labels, samples, t, registered=None, w1=1.0, w2=0.0):
-    """Eq. 4 one anchor at a time, straight from the definition."""
-    class_losses, offset = [], 0
-    for anchors, negatives in zip(samples.anchors, samples.negatives):
+    """Eq. 4 one anchor at a time, straight from the definition (``registered``: ``(K, N', D)``, ``(K, N')``)."""
+    class_losses = []
+    for c, anchors, negatives in zip(*samples.as_lists()):
+        if anchors.numel() < 2:
+            continue
         per_anchor = []
         for n, a in enumerate(anchors.tolist()):
             others = [k for k in anchors.tolist() if k != a]
             pos = torch.stack([z[k] for k in others]).mean(0)
-            if registered is not None and bool(registered[1][offset + n]):
-                pos = w1 * pos + w2 * registered[0][offset + n]
+            if registered is not None and bool(registered[1][c, n]):
+                pos = w1 * pos + w2 * registered[0][c, n]
             num = math.exp(float(z[a] @ pos) / t)
             den = num + sum(math.exp(float(z[a] @ z[k]) / t) for k in negatives.tolist())
             per_anchor.append(-math.log(num / den))
-        offset += len(anchors)
         class_losses.append(sum(per_anchor) / len(per_anchor))
     return sum(class_losses) / len(class_losses)
 
@@ -60,15 +61,15 @@ def test_scl_reps_blend_matches_loop_and_gradient_flows_to_anchors_only():
     emb.requires_grad_(True)
     loss_fn = SupervisedPixelContrastiveLoss(3, threshold=0.0, num_anchors=6, num_negatives=7, class_weight=0.3, registered_weight=0.7)
     samples = loss_fn.sample(labels, conf, generator=torch.Generator().manual_seed(0))
-    n = samples.all_anchors().numel()
-    reg = F.normalize(torch.randn(n, 8), dim=1)
-    avail = torch.arange(n) % 2 == 0
+    k, n = samples.anchor_valid.shape
+    reg = F.normalize(torch.randn(k, n, 8), dim=1 + 1)
+    avail = (torch.arange(k * n) % 2 == 0).reshape(k, n)
     flat = flatten_pixels(emb)
     got = loss_fn.loss_from_samples(flat, samples, (reg, avail))
     assert got.item() == pytest.approx(_eq4_loop(flat.detach(), labels, samples, 0.1, (reg, avail), 0.3, 0.7), rel=1e-5)
     got.backward()
     grad = flatten_pixels(emb.grad).abs().sum(1)
-    anchors = samples.all_anchors()
+    anchors = torch.cat(samples.as_lists()[1])
     others = torch.ones_like(grad, dtype=torch.bool)
     others[anchors] = False
     assert grad[anchors].sum() > 0 and grad[others].sum() == 0  # keys are detached
@@ -83,7 +84,8 @@ def test_anchor_threshold_and_per_class_caps():
     s = sample_contrastive_pixels(labels.reshape(-1), conf.reshape(-1) > 0.5, 4, num_anchors=50, num_negatives=30,
                                   generator=torch.Generator().manual_seed(0))
     flat_lab, flat_conf = labels.reshape(-1), conf.reshape(-1)
-    by_class = dict(zip(s.classes, zip(s.anchors, s.negatives)))
+    classes, anchors, negatives = s.as_lists()
+    by_class = dict(zip(classes, zip(anchors, negatives)))
     assert sorted(by_class) == [0, 1, 2, 3]
     anchors1, _ = by_class[1]
     assert anchors1.numel() == 8 and bool((flat_conf[anchors1] > 0.5).all()) and bool((flat_lab[anchors1] == 1).all())
@@ -172,13 +174,13 @@ def test_sparse_projection_equals_dense_loss_and_gradients():
     heads = ScaleProjectors({"full": 16})
     loss_fn = SupervisedPixelContrastiveLoss(3, threshold=0.2, num_anchors=20, num_negatives=15, temperature=0.1)
     samples = loss_fn.sample(labels, conf, torch.Generator().manual_seed(0))
-    assert sum(a.numel() for a in samples.anchors) < labels.numel()  # caps bind: a real subset
+    assert sum(a.numel() for a in samples.as_lists()[1]) < labels.numel()  # caps bind: a real subset
 
     dense = loss_fn.loss_from_samples(flatten_pixels(heads({"full": feats})["full"]), samples)
     dense_grads = torch.autograd.grad(dense, list(heads.parameters()))
-    pixels, compact = samples.compact()
-    assert pixels.numel() < labels.numel() and torch.equal(pixels, torch.unique(pixels))
-    sparse = loss_fn.loss_from_samples(heads.project_pixels("full", feats, pixels), compact)
+    assert samples.order.numel() < labels.numel()  # only these pixels are embedded
+    selected = heads.project_pixels("full", feats, samples.order.reshape(-1)).reshape(*samples.order.shape, -1)
+    sparse = loss_fn.loss_from_samples(selected, samples)
     sparse_grads = torch.autograd.grad(sparse, list(heads.parameters()))
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
     for a, b in zip(dense_grads, sparse_grads):

@@ -87,7 +87,7 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     assert fresh.banks == {}
     fresh.load_state_dict(state["contrastive"])
     assert fresh.banks["joint"].keys() == keys
-    slots = [term.banks["joint"]._order[k] for k in keys]
+    slots = [int(term.banks["joint"].slot_of[k]) for k in keys]
     torch.testing.assert_close(fresh.banks["joint"].features[: len(keys)], term.banks["joint"].features[slots])
     old_format = {k: v for k, v in state["contrastive"].items() if k != "_extra_state"}
     fresh.load_state_dict(old_format)   # a checkpoint written before the banks were saved: empty banks

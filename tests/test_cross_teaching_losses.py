@@ -122,7 +122,7 @@ def test_selected_samples_loss_skips_samples_without_registered_label():
     assert rsl(x, y, torch.tensor([1.0, 1.0])).item() == pytest.approx(3.0)
     none = rsl(x, y, torch.tensor([0.0, 0.0]))
     assert none.item() == 0.0 and none.requires_grad
-    assert calls == [1, 2]
+    assert calls == [1] * 6  # each sample's loss alone (fixed size: no host read of which are valid)
 
 
 # ---------------------------------------------------------------- networks

@@ -93,10 +93,12 @@ def test_evaluation_inputs_pair_images_and_labels_in_one_folder(tmp_path):
     from scripts.data.data_checks import DataCheckError
     from scripts.inference.inference_inputs import collect_labeled_inputs
 
-    for name in ("a", "a_gt", "b", "b_seg"):
-        nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.float32 if "_" not in name else np.uint8), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    rng = np.random.default_rng(0)
+    for name in ("a", "a_gt", "b", "b_seg"):   # images hold anatomy (a constant image is refused), labels may be empty
+        data = rng.random((6, 6, 3)).astype(np.float32) if "_" not in name else np.zeros((6, 6, 3), np.uint8)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
     items = collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))
     assert [(p["image"].split("/")[-1], p["label"].split("/")[-1]) for p in items] == [("a.nii.gz", "a_gt.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]
-    nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
+    nib.save(nib.Nifti1Image(rng.random((6, 6, 3)).astype(np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
     with pytest.raises(DataCheckError, match="c.nii.gz: no label for this image"):
         collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))

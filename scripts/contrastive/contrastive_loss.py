@@ -19,12 +19,17 @@ the other network's argmax on unlabeled ones) and a confidence map ``q`` (top-1 
   (a class needs two anchors and one negative).
 
 Keys (positives and negatives) carry no gradient by default (``detach_keys``); the anchors do.
-Everything is batched tensor algebra; the only Python loop is over the (few) classes.
+
+Everything has a fixed size and stays on the device: every class gets a ``(T,)`` row of its
+lowest-priority eligible pixels (``T = min(max(N, O), pixels)``; rows of classes with fewer eligible
+pixels are padded and masked), anchors are the first ``N`` of each row, negatives a ``(K, O)`` table
+of positions in those rows with a validity mask, and the loss is masked means over ``(K, N)``
+anchors. Nothing is read back to the host (no ``bincount().tolist()``, no boolean indexing), so a
+GPU step never waits for it; the numbers equal those of the variable-length formulation above.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,31 +40,48 @@ __all__ = ["ContrastiveSamples", "sample_contrastive_pixels", "flatten_pixels", 
 
 @dataclass
 class ContrastiveSamples:
-    """Sampled flat pixel indices: per class present, its anchors and its negatives."""
+    """Fixed-size samples of ``K`` classes (all device tensors; rows of absent classes are masked).
 
-    classes: list[int]
-    anchors: list[torch.Tensor]
-    negatives: list[torch.Tensor]
+    Attributes:
+        order: ``(K, T)`` flat pixel indices, per class its eligible pixels in priority order (padded).
+        count: ``(K,)`` eligible pixels per class.
+        num_anchors: ``N'`` = ``min(N, T)``: anchors of class ``c`` are ``order[c, :N']`` where ``anchor_valid``.
+        anchor_valid: ``(K, N')``.
+        negatives: ``(K, O')`` positions in ``order.reshape(-1)`` (``o * T + rank``) of each class's negatives.
+        negative_valid: ``(K, O')``.
+    """
 
-    def all_anchors(self) -> torch.Tensor:
-        """All anchors, class by class (the order REPS look-ups must follow)."""
-        if not self.anchors:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat(self.anchors)
+    order: torch.Tensor
+    count: torch.Tensor
+    num_anchors: int
+    anchor_valid: torch.Tensor
+    negatives: torch.Tensor
+    negative_valid: torch.Tensor
 
-    def compact(self) -> tuple[torch.Tensor, "ContrastiveSamples"]:
-        """``(pixels, samples)``: the distinct sampled flat pixels, and these samples re-indexed into them.
+    @property
+    def anchors(self) -> torch.Tensor:
+        """``(K, N')`` flat pixel indices of the anchors (valid where ``anchor_valid``)."""
+        return self.order[:, : self.num_anchors]
 
-        ``loss_from_samples(project(pixels), compact_samples)`` equals
-        ``loss_from_samples(project(all pixels), samples)``: only the sampled pixels need embedding.
-        """
-        parts = self.anchors + self.negatives
-        if not parts:
-            return torch.zeros(0, dtype=torch.long), ContrastiveSamples(list(self.classes), [], [])
-        pixels, inverse = torch.unique(torch.cat(parts), return_inverse=True)
-        pieces = list(torch.split(inverse, [p.numel() for p in parts]))
-        k = len(self.anchors)
-        return pixels, ContrastiveSamples(list(self.classes), pieces[:k], pieces[k:])
+    def negative_pixels(self) -> torch.Tensor:
+        """``(K, O')`` flat pixel indices of the negatives (valid where ``negative_valid``)."""
+        return self.order.reshape(-1)[self.negatives]
+
+    def class_valid(self) -> torch.Tensor:
+        """``(K,)``: classes that enter the loss (two anchors, one negative)."""
+        return (self.anchor_valid.sum(1) >= 2) & self.negative_valid.any(1)
+
+    def as_lists(self) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        """``(classes, anchors, negatives)`` of the classes present with a negative, as variable-length
+        flat-index tensors (host reads: for tests and inspection, not for the training step)."""
+        classes, anchors, negatives = [], [], []
+        for c in range(self.order.shape[0]):
+            if not bool(self.count[c] > 0) or not bool(self.negative_valid[c].any()):
+                continue
+            classes.append(c)
+            anchors.append(self.anchors[c][self.anchor_valid[c]])
+            negatives.append(self.negative_pixels()[c][self.negative_valid[c]])
+        return classes, anchors, negatives
 
 
 def flatten_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -79,30 +101,39 @@ def sample_contrastive_pixels(
 ) -> ContrastiveSamples:
     """Draw anchors and negatives among ``eligible`` pixels (flat ``labels`` / ``eligible`` of shape ``(P,)``).
 
-    One random priority per pixel; class ``c``'s pixels in priority order give its anchors (first
-    ``num_anchors``) and, for every other class, its contribution to the negatives (first ``cap``).
+    One random priority per pixel; class ``c``'s eligible pixels in priority order give its anchors
+    (first ``num_anchors``) and, for every other class present, its contribution to the negatives
+    (first ``cap = ceil(num_negatives / (classes present - 1))``), the contributions concatenated in
+    class order and cut at ``num_negatives``. Fixed shapes, no host reads.
     """
     labels, eligible = labels.reshape(-1), eligible.reshape(-1).bool()
     if labels.shape != eligible.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and eligible {tuple(eligible.shape)} differ")
-    priority = torch.rand(labels.shape, generator=generator, device="cpu").to(labels.device)
-    counts = torch.bincount(labels[eligible].long(), minlength=num_classes)[:num_classes].tolist()
-    present = [c for c in range(num_classes) if counts[c] > 0]
-    cap = math.ceil(num_negatives / max(len(present) - 1, 1))
-    ordered: dict[int, torch.Tensor] = {}
-    for c in present:
-        take = min(max(num_anchors, cap), counts[c])
-        key = torch.where(eligible & (labels == c), priority, torch.full_like(priority, 2.0))
-        ordered[c] = torch.topk(key, take, largest=False).indices
-    samples = ContrastiveSamples([], [], [])
-    for c in present:
-        negatives = [ordered[o][:cap] for o in present if o != c]
-        if not negatives:
-            continue
-        samples.classes.append(c)
-        samples.anchors.append(ordered[c][:num_anchors])
-        samples.negatives.append(torch.cat(negatives)[:num_negatives])
-    return samples
+    k, p = int(num_classes), labels.shape[0]
+    device = labels.device
+    priority = torch.rand(labels.shape, generator=generator, device="cpu" if generator is not None else device).to(device)
+    classes = torch.arange(k, device=device)
+    member = eligible[None, :] & (labels.long()[None, :] == classes[:, None])  # (K, P)
+    count = member.sum(1)  # (K,)
+    t = min(max(int(num_anchors), int(num_negatives)), p)
+    order = torch.topk(torch.where(member, priority[None, :], torch.full_like(priority, 2.0)[None, :]), t, dim=1, largest=False).indices
+    present = count > 0
+    others = present.sum() - 1
+    cap = torch.div(int(num_negatives) + others.clamp_min(1) - 1, others.clamp_min(1), rounding_mode="floor")  # ceil
+    o = min(int(num_negatives), t)
+    rank = torch.arange(o, device=device)
+    # candidates of class c: (class o', rank r) for every o' != c present, r < min(cap, count[o']), in class order
+    take = (rank[None, :] < torch.minimum(cap, count)[:, None])  # (K_o, O')
+    cand = take[None, :, :] & (classes[:, None, None] != classes[None, :, None])  # (K_c, K_o, O')
+    cand = cand.reshape(k, k * o)
+    keep = cand & (torch.cumsum(cand.long(), 1) <= int(num_negatives))
+    positions = (classes[:, None] * t + rank[None, :]).reshape(1, k * o).expand(k, -1)  # o' * T + r
+    first = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :o]  # kept candidates first, in order
+    negatives = positions.gather(1, first)
+    negative_valid = keep.gather(1, first)
+    n = min(int(num_anchors), t)
+    anchor_valid = torch.arange(n, device=device)[None, :] < count[:, None]
+    return ContrastiveSamples(order, count, n, anchor_valid, negatives, negative_valid)
 
 
 class SupervisedPixelContrastiveLoss(nn.Module):
@@ -136,65 +167,58 @@ class SupervisedPixelContrastiveLoss(nn.Module):
         eligible = confidence.reshape(-1) > self.threshold
         return sample_contrastive_pixels(labels.reshape(-1), eligible, self.num_classes, self.num_anchors, self.num_negatives, generator)
 
-    def anchor_losses(self, flat: torch.Tensor, samples: ContrastiveSamples,
-                      registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
-        """Eq. 4's per-anchor losses ``l_a`` on flat embeddings ``(P, D)``: one ``(n_c,)`` tensor per class
-        of ``samples`` (``None`` for a class that has fewer than two anchors or no negative).
+    def anchor_losses(self, selected: torch.Tensor, samples: ContrastiveSamples,
+                      registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Eq. 4's per-anchor losses ``l_a``: ``(K, N')`` (meaningful where ``samples.anchor_valid``).
 
-        ``registered``: ``(a_reg (A, D), available (A,) bool)`` for the anchors of
-        :meth:`ContrastiveSamples.all_anchors` (REPS), or ``None``.
+        ``selected``: ``(K, T, D)`` embeddings of ``samples.order`` (or ``(P, D)`` embeddings of every
+        pixel, gathered here). ``registered``: ``(a_reg (K, N', D), available (K, N') bool)`` (REPS), or ``None``.
         """
-        keys = flat.detach() if self.detach_keys else flat
-        out: list[torch.Tensor | None] = []
-        hi = 0
-        for anchors_idx, negatives_idx in zip(samples.anchors, samples.negatives):
-            n = anchors_idx.numel()
-            lo, hi = hi, hi + n
-            if n < 2 or negatives_idx.numel() == 0:
-                out.append(None)
-                continue
-            anchors = flat[anchors_idx]
-            anchor_keys = keys[anchors_idx]
-            positive = (anchor_keys.sum(0, keepdim=True) - anchor_keys) / (n - 1)
-            if registered is not None:
-                reg, ok = registered[0][lo:hi], registered[1][lo:hi]
-                blend = self.class_weight * positive + self.registered_weight * reg.to(positive.dtype)
-                positive = torch.where(ok[:, None], blend, positive)
-            pos_logit = (anchors * positive).sum(-1, keepdim=True) / self.temperature
-            neg_logits = anchors @ keys[negatives_idx].T / self.temperature
-            logits = torch.cat([pos_logit, neg_logits], dim=1)
-            out.append(torch.logsumexp(logits, dim=1) - pos_logit[:, 0])
-        return out
+        if selected.ndim == 2:
+            selected = selected[samples.order]
+        keys = selected.detach() if self.detach_keys else selected
+        n = samples.num_anchors
+        anchors, anchor_keys = selected[:, :n], keys[:, :n]
+        valid = samples.anchor_valid.to(anchor_keys.dtype)
+        count = valid.sum(1)
+        total = (anchor_keys * valid[..., None]).sum(1, keepdim=True)
+        positive = (total - anchor_keys) / (count - 1).clamp_min(1)[:, None, None]
+        if registered is not None:
+            reg, ok = registered
+            blend = self.class_weight * positive + self.registered_weight * reg.to(positive.dtype)
+            positive = torch.where(ok[..., None], blend, positive)
+        pos_logit = (anchors * positive).sum(-1) / self.temperature  # (K, N')
+        negative_keys = keys.reshape(-1, keys.shape[-1])[samples.negatives]  # (K, O', D)
+        neg_logits = torch.bmm(anchors, negative_keys.transpose(1, 2)) / self.temperature  # (K, N', O')
+        neg_logits = neg_logits.masked_fill(~samples.negative_valid[:, None, :], float("-inf"))
+        logits = torch.cat([pos_logit[..., None], neg_logits], dim=2)
+        return torch.logsumexp(logits.float(), dim=2) - pos_logit.float()
 
-    def loss_from_samples(self, flat: torch.Tensor, samples: ContrastiveSamples,
+    def loss_from_samples(self, selected: torch.Tensor, samples: ContrastiveSamples,
                           registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Eq. 4 on flat embeddings ``(P, D)`` for given samples: the mean over anchors of each class,
-        then over the classes (see :meth:`anchor_losses` for ``registered``)."""
-        return self.group_losses(flat, samples, None, 1, registered)[0]
+        """Eq. 4 for given samples: the mean over anchors of each class, then over the classes (see
+        :meth:`anchor_losses` for ``selected`` and ``registered``)."""
+        return self.group_losses(selected, samples, None, 1, registered)[0]
 
-    def group_losses(self, flat: torch.Tensor, samples: ContrastiveSamples, groups: list[torch.Tensor] | None,
+    def group_losses(self, selected: torch.Tensor, samples: ContrastiveSamples, groups: torch.Tensor | None,
                      num_groups: int, registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Eq. 4 split by where the anchors come from (the joint space of two networks).
 
-        ``groups``: per class of ``samples``, the group (``0 .. num_groups-1``) of each anchor, or
-        ``None`` for one group. Returns, per group, the mean over classes of the mean loss of that
-        group's anchors of the class (0, still attached to ``flat``, for a group without anchors).
-        The keys (positives and negatives) are shared by all groups.
+        ``groups``: ``(K, N')`` group (``0 .. num_groups-1``) of each anchor, or ``None`` for one group.
+        Returns, per group, the mean over classes of the mean loss of that group's anchors of the class
+        (0, still attached to the embeddings, for a group without anchors). The keys (positives and
+        negatives) are shared by all groups.
         """
-        per_class = self.anchor_losses(flat, samples, registered)
-        sums: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
-        for c, losses in enumerate(per_class):
-            if losses is None:
-                continue
-            if groups is None:
-                sums[0].append(losses.mean())
-                continue
-            g = groups[c].to(losses.device)
-            for k in range(num_groups):
-                mine = g == k
-                if bool(mine.any()):
-                    sums[k].append(losses[mine].mean())
-        return [torch.stack(s).mean() if s else flat.sum() * 0.0 for s in sums]
+        losses = self.anchor_losses(selected, samples, registered)
+        usable = samples.anchor_valid & samples.class_valid()[:, None]
+        out = []
+        for k in range(num_groups):
+            mine = usable if groups is None else usable & (groups == k)
+            m = mine.to(losses.dtype)
+            per_class = (torch.where(mine, losses, 0.0)).sum(1) / m.sum(1).clamp_min(1)
+            has = mine.any(1).to(losses.dtype)
+            out.append((per_class * has).sum() / has.sum().clamp_min(1) + 0.0 * losses.sum())
+        return out
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:

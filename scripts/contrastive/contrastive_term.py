@@ -55,7 +55,8 @@ def block_labels(labels: torch.Tensor, confidence: torch.Tensor, stride: int, nu
     """``(B, H, W)`` labels / confidence -> majority label and mean confidence of ``stride`` blocks."""
     if stride == 1:
         return labels, confidence
-    onehot = F.one_hot(labels.long().clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    classes = torch.arange(num_classes, device=labels.device)[None, :, None, None]
+    onehot = (labels.long().clamp(0, num_classes - 1)[:, None] == classes).float()   # (F.one_hot reads the labels' range on the host)
     votes = F.avg_pool2d(onehot, stride)
     return votes.argmax(1), F.avg_pool2d(confidence[:, None].float(), stride)[:, 0]
 
@@ -161,42 +162,48 @@ class ContrastiveTerm(nn.Module):
             )
         if len(ids) != size:
             raise ValueError(f"REPS: {len(ids)} ids for a batch of {size}")
-        volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long)
+        device = coords.device
+        if self.correspondence.device != device:
+            self.correspondence.to(device)
+        # the ids are host strings (from the loader): their indices go to the device with the batch
+        volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long).to(device, non_blocking=True)
         frames, ok = fit_patch_frames(coords)
-        volume[~ok.cpu()] = -1
-        return volume, slices.long().cpu(), frames.cpu()
+        volume = torch.where(ok, volume, -1)
+        return volume, slices.long().to(device, non_blocking=True), frames
 
     def _registered(self, name: str, flat_idx: torch.Tensor, shape: torch.Size, stride: int, volume: torch.Tensor,
                     slices: torch.Tensor, frames: torch.Tensor, dim: int, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Registered positives ``(a_reg (*flat_idx.shape, D), found (*flat_idx.shape))`` of anchors at flat pixel
+        indices ``flat_idx`` of a ``(B, h, w)`` map at ``stride``; fixed sizes, on the device."""
         b, h, w = shape
-        idx = flat_idx.cpu()
+        idx = flat_idx.reshape(-1)
         sample, rest = idx // (h * w), idx % (h * w)
         rc = torch.stack([rest // w, rest % w], 1).to(torch.float64) * stride + (stride - 1) / 2.0  # patch pixel
         f = frames[sample]  # (A, 2, 3) patch -> slice
         uv = (f[..., :2] @ rc[..., None])[..., 0] + f[..., 2]
         vol = volume[sample]
         known = vol >= 0
-        out = torch.zeros((idx.numel(), dim), dtype=torch.float32)
-        found = torch.zeros(idx.numel(), dtype=torch.bool)
-        if name in self.banks and known.any():
-            reg, avail = registered_positives(self.correspondence, self.banks[name], vol[known], slices[sample][known], uv[known], layers)
-            out[known], found[known] = reg.float().cpu(), avail.cpu()
-        # share of this iteration's anchors that found a registered positive (logged by the trainer)
-        self.reps_found[name] = float(found.float().mean()) if found.numel() else 0.0
-        return out.to(flat_idx.device), found.to(flat_idx.device)
+        if name in self.banks:
+            reg, found = registered_positives(self.correspondence, self.banks[name], vol.clamp_min(0), slices[sample], uv, layers)
+            reg, found = reg.float(), found & known
+        else:
+            reg = torch.zeros((idx.numel(), dim), dtype=torch.float32, device=idx.device)
+            found = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+        # share of this iteration's anchors that found a registered positive (a device scalar, logged by the trainer)
+        self.reps_found[name] = found.float().mean() if found.numel() else torch.zeros((), device=idx.device)
+        return reg.reshape(*flat_idx.shape, dim), found.reshape(flat_idx.shape)
 
     @staticmethod
     def _bank_frames(frames: torch.Tensor, stride: int) -> torch.Tensor:
         """Patch->slice frames -> slice ``(u, v, 1)`` -> bank map pixel frames at ``stride``."""
-        g = torch.zeros((frames.shape[0], 3, 3), dtype=torch.float64)
+        g = torch.zeros((frames.shape[0], 3, 3), dtype=torch.float64, device=frames.device)
         g[:, :2], g[:, 2, 2] = frames, 1.0
         ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
-        g[~ok] = torch.eye(3, dtype=torch.float64)
+        g = torch.where(ok[:, None, None], g, torch.eye(3, dtype=torch.float64, device=g.device))
         scale = torch.tensor([[1.0 / stride, 0, -(stride - 1) / (2.0 * stride)], [0, 1.0 / stride, -(stride - 1) / (2.0 * stride)], [0, 0, 1]],
-                             dtype=torch.float64)
-        out = (scale @ torch.linalg.inv(g))[:, :2]
-        out[~ok] = float("nan")
-        return out
+                             dtype=torch.float64).to(g.device, non_blocking=True)
+        out = (scale @ torch.linalg.inv_ex(g).inverse)[:, :2]
+        return torch.where(ok[:, None, None], out, float("nan"))
 
     # ------------------------------------------------------------------ the term
     def forward(self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
@@ -254,30 +261,28 @@ class ContrastiveTerm(nn.Module):
                 continue
             per_source = labs[0].numel()  # pixels per source (flat index k * per_source + pixel)
             samples = self.loss.sample(torch.cat([x.reshape(-1) for x in labs]), torch.cat([x.reshape(-1) for x in confs]))
-            groups = [a // per_source for a in samples.anchors] if n_src > 1 else None
+            groups = samples.anchors // per_source if n_src > 1 else None
             registered = None
             if self.reps and scale == self.bank_scale:
-                registered = self._registered(bank_name, samples.all_anchors() % per_source, labs[0].shape, stride, *geometry,
+                registered = self._registered(bank_name, samples.anchors % per_source, labs[0].shape, stride, *geometry,
                                               projectors[0].out_channels, layers=n_src)
             if scale in emb[0]:
-                flat = torch.cat([flatten_pixels(e[scale]) for e in emb])
-            else:
-                pixels, samples = samples.compact()  # sorted: source 0's pixels first
-                parts = []
+                selected = torch.cat([flatten_pixels(e[scale]) for e in emb])[samples.order]
+            else:   # embed only the sampled pixels, each with its own network's head
+                idx = samples.order.reshape(-1)
+                source, local = idx // per_source, idx % per_source
+                selected = None
                 for k in range(n_src):
-                    mine = pixels[(pixels >= k * per_source) & (pixels < (k + 1) * per_source)] - k * per_source
-                    parts.append(projectors[k].project_pixels(scale, features[k][scale], mine))
-                flat = torch.cat(parts)
-            for k, loss in enumerate(self.loss.group_losses(flat, samples, groups, n_src, registered)):
+                    own = projectors[k].project_pixels(scale, features[k][scale], local)
+                    selected = own if selected is None else torch.where((source == k)[:, None], own, selected)
+                selected = selected.reshape(*samples.order.shape, -1)
+            for k, loss in enumerate(self.loss.group_losses(selected, samples, groups, n_src, registered)):
                 losses[k].append(loss)
         if self.reps:
             volume, slices, frames = geometry
-            known = volume >= 0
-            if known.any():
-                bank_frames = self._bank_frames(frames, SCALES[self.bank_scale])
-                v = len(self.correspondence)
-                for k in range(n_src):
-                    e = emb[k][self.bank_scale]
-                    self._bank(bank_name, e, n_src).push(volume[known] + k * v, slices[known], e.detach()[known.to(e.device)],
-                                                         bank_frames[known])
+            bank_frames = self._bank_frames(frames, SCALES[self.bank_scale])
+            v = len(self.correspondence)
+            for k in range(n_src):
+                e = emb[k][self.bank_scale]
+                self._bank(bank_name, e, n_src).push(volume + k * v, slices, e.detach(), bank_frames, keep=volume >= 0)
         return [torch.stack(x).mean() for x in losses]

@@ -26,30 +26,34 @@ from scripts.contrastive.contrastive_loss import flatten_pixels
 __all__ = ["balanced_supcon", "MultiScaleBalancedContrastiveLoss"]
 
 
-def balanced_supcon(z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1) -> torch.Tensor:
-    """Eq. 2 on ``(n, D)`` embeddings and ``(n,)`` integer labels (vectorised, ``n x n``)."""
+def balanced_supcon(z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 2 on ``(n, D)`` embeddings and ``(n,)`` integer labels (vectorised, ``n x n``).
+
+    ``valid`` ``(n,)``: samples that take part (the others are padding of a fixed-size draw); masks
+    instead of indexing, so nothing is read on the host.
+    """
     n = z.shape[0]
     labels = labels.reshape(-1).long()
     if labels.numel() != n:
         raise ValueError(f"balanced_supcon: {labels.numel()} labels for {n} samples")
     if n < 2:
         return z.sum() * 0.0
+    valid = torch.ones(n, dtype=torch.bool, device=z.device) if valid is None else valid.reshape(-1).to(z.device)
     logits = z @ z.T / temperature
-    not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    onehot = torch.nn.functional.one_hot(labels, num_classes).to(z.dtype)  # (n, C)
+    pair = ~torch.eye(n, dtype=torch.bool, device=z.device) & valid[None, :] & valid[:, None]
+    onehot = (labels[:, None] == torch.arange(num_classes, device=z.device)[None, :]).to(z.dtype) * valid[:, None].to(z.dtype)  # (n, C)
     class_sizes = onehot.sum(0)[None, :] - onehot  # |B_c \ {i}|, (n, C)
-    logits = logits - logits.detach().max(1, keepdim=True).values  # stability (cancels in the ratio)
-    exp = torch.exp(logits) * not_self
+    logits = logits - logits.detach().masked_fill(~pair, float("-inf")).max(1, keepdim=True).values.clamp_min(-1e4)  # stability
+    exp = torch.exp(logits) * pair
     per_class = exp @ onehot  # (n, C): sum over k in B_c, k != i
     denom = (per_class / class_sizes.clamp_min(1)).masked_fill(class_sizes == 0, 0.0).sum(1)
-    positive = (labels[:, None] == labels[None, :]) & not_self
+    positive = (labels[:, None] == labels[None, :]) & pair
     n_pos = positive.sum(1)
     log_prob = logits - torch.log(denom.clamp_min(torch.finfo(z.dtype).tiny))[:, None]
     per_sample = -(log_prob * positive).sum(1) / n_pos.clamp_min(1)
-    keep = n_pos > 0
-    if not keep.any():
-        return z.sum() * 0.0
-    return per_sample[keep].mean()
+    keep = (n_pos > 0) & valid
+    return torch.where(keep, per_sample, 0.0).sum() / keep.sum().clamp_min(1) + 0.0 * z.sum()
 
 
 class MultiScaleBalancedContrastiveLoss(nn.Module):
@@ -74,8 +78,9 @@ class MultiScaleBalancedContrastiveLoss(nn.Module):
         if lab.numel() != flat.shape[0]:
             raise ValueError(f"MCSC: labels {tuple(labels.shape)} do not match embeddings {tuple(embeddings.shape)}")
         keep = torch.ones_like(lab, dtype=torch.bool) if confidence is None else confidence.reshape(-1) > self.threshold
-        idx = torch.nonzero(keep).reshape(-1)
-        if idx.numel() > self.max_samples:
-            pick = torch.randperm(idx.numel(), generator=generator)[: self.max_samples].to(idx.device)
-            idx = idx[pick]
-        return balanced_supcon(flat[idx], lab[idx], self.num_classes, self.temperature)
+        # a uniform draw without replacement among the kept pixels, in a fixed size: the lowest random priorities
+        device = "cpu" if generator is not None else lab.device
+        priority = torch.rand(lab.shape, generator=generator, device=device).to(lab.device)
+        key = torch.where(keep, priority, torch.full_like(priority, 2.0))
+        idx = torch.topk(key, min(self.max_samples, lab.numel()), largest=False).indices
+        return balanced_supcon(flat[idx], lab[idx], self.num_classes, self.temperature, valid=key[idx] < 2.0)

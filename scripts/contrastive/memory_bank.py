@@ -13,12 +13,16 @@ looked up whatever augmentation the stored patch went through.
 through ``T_ij`` to every other volume ``j`` (:class:`scripts.contrastive.registered_correspondence.RegisteredCorrespondence`),
 read the bank at ``p_j`` (bilinear) where slice ``(j, z_j)`` is stored and ``p_j`` lies inside its
 map, and average over the available ``j``. All anchors and volumes at once: no loop over anchors.
+
+The bank lives on the training device as fixed-size tensors (maps, frames, the (volume, slice) ->
+slot table, each slot's key and the iteration it was last written); a push assigns slots by
+scatter and ``argmin`` of the write times, and a look-up reads every point with masks, so neither
+ever reads a device value on the host (a GPU step does not wait for them).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 
@@ -55,20 +59,28 @@ class SliceFeatureBank:
         self.features = torch.zeros((self.capacity, self.height, self.width, self.channels), dtype=dtype, device=device)
         self.frames = torch.full((self.capacity, 2, 3), float("nan"), dtype=torch.float64, device=device)
         self.slot_of = torch.full((int(num_volumes), int(max_slices)), -1, dtype=torch.long, device=device)
-        self._order: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> slot, oldest first
+        self.slot_key = torch.full((self.capacity, 2), -1, dtype=torch.long, device=device)  # (volume, slice) of each slot
+        # when each slot was last written (pushes count up from 0); free slots sort first, lowest slot first
+        self.written = torch.arange(self.capacity, dtype=torch.long, device=device) - self.capacity
+        self.clock = torch.zeros((), dtype=torch.long, device=device)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return int((self.slot_key[:, 0] >= 0).sum())
+
+    def _fifo_slots(self) -> torch.Tensor:
+        """Occupied slots, oldest first (a host read: checkpoints and inspection only)."""
+        used = torch.nonzero(self.slot_key[:, 0] >= 0)[:, 0]
+        return used[torch.argsort(self.written[used])]
 
     def state(self) -> dict:
         """Everything needed to rebuild this bank (a checkpoint entry): shape, stored maps and frames,
         and the FIFO order. Only the occupied slots' maps are kept."""
-        slots = torch.tensor(list(self._order.values()), dtype=torch.long, device=self.features.device)
+        slots = self._fifo_slots()
         return {
             "capacity": self.capacity, "channels": self.channels, "height": self.height, "width": self.width,
             "num_volumes": int(self.slot_of.shape[0]), "max_slices": int(self.slot_of.shape[1]),
             "dtype": str(self.features.dtype).removeprefix("torch."),
-            "keys": [list(k) for k in self._order], "features": self.features[slots].cpu(), "frames": self.frames[slots].cpu(),
+            "keys": self.slot_key[slots].tolist(), "features": self.features[slots].cpu(), "frames": self.frames[slots].cpu(),
         }
 
     @classmethod
@@ -79,8 +91,12 @@ class SliceFeatureBank:
         keys = [tuple(int(x) for x in k) for k in state["keys"]]
         if len(keys) > bank.capacity or len(state["features"]) != len(keys):
             raise ValueError(f"bank state: {len(keys)} keys, {len(state['features'])} maps, capacity {bank.capacity}")
-        for key in keys:   # fills slots 0, 1, ... in FIFO order
-            bank._slot_for(key)
+        for slot, key in enumerate(keys):   # slots 0, 1, ... in FIFO order
+            bank._check_key(key)
+            bank.slot_of[key] = slot
+            bank.slot_key[slot] = torch.tensor(key)
+            bank.written[slot] = slot
+        bank.clock.fill_(len(keys))
         if keys:
             bank.features[: len(keys)] = state["features"].to(bank.features)
             bank.frames[: len(keys)] = state["frames"].to(bank.frames)
@@ -88,12 +104,13 @@ class SliceFeatureBank:
 
     def to(self, device: torch.device | str) -> "SliceFeatureBank":
         """Move the stored maps (in place); returns the bank."""
-        self.features, self.frames, self.slot_of = self.features.to(device), self.frames.to(device), self.slot_of.to(device)
+        for name in ("features", "frames", "slot_of", "slot_key", "written", "clock"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
     def keys(self) -> list[tuple[int, int]]:
-        """Stored ``(volume, slice)`` keys, oldest first."""
-        return list(self._order)
+        """Stored ``(volume, slice)`` keys, oldest first (a host read)."""
+        return [tuple(k) for k in self.slot_key[self._fifo_slots()].tolist()]
 
     @property
     def bytes_per_slice(self) -> int:
@@ -102,46 +119,45 @@ class SliceFeatureBank:
 
     @property
     def nbytes(self) -> int:
-        """Storage of the whole bank (preallocated) including the key table."""
-        return self.capacity * self.bytes_per_slice + self.slot_of.numel() * self.slot_of.element_size()
+        """Storage of the whole bank (preallocated) including the key tables."""
+        return self.capacity * self.bytes_per_slice + (self.slot_of.numel() + self.slot_key.numel() + self.written.numel()) * 8
 
-    def _slot_for(self, key: tuple[int, int]) -> int:
+    def _check_key(self, key: tuple[int, int]) -> None:
         if not (0 <= key[0] < self.slot_of.shape[0] and 0 <= key[1] < self.slot_of.shape[1]):
             raise ValueError(f"bank key (volume, slice) = {key} outside the key space {tuple(self.slot_of.shape)}")
-        if key in self._order:
-            self._order.move_to_end(key)
-            return self._order[key]
-        if len(self._order) < self.capacity:
-            slot = len(self._order)
-        else:
-            old, slot = self._order.popitem(last=False)
-            self.slot_of[old] = -1
-        self._order[key] = slot
-        self.slot_of[key] = slot
-        return slot
 
     @torch.no_grad()
-    def push(self, volume: torch.Tensor, slice_index: torch.Tensor, features: torch.Tensor, frames: torch.Tensor) -> None:
+    def push(self, volume: torch.Tensor, slice_index: torch.Tensor, features: torch.Tensor, frames: torch.Tensor,
+             keep: torch.Tensor | None = None) -> None:
         """Store ``(B, D, h, w)`` ``features`` of slices ``(volume[b], slice_index[b])`` with their
         ``(B, 2, 3)`` frames (original ``(u, v, 1)`` -> map pixel ``(row, col)``). Samples with a
-        non-finite frame are skipped. Later duplicates in one push win."""
+        non-finite frame, or ``keep`` False, are skipped. A stored slice is overwritten in place and
+        becomes the newest; otherwise the oldest slot is reused. Later duplicates in one push win.
+        Fixed-size device work (one small step per sample), no host read."""
         if features.shape[1:] != (self.channels, self.height, self.width):
             raise ValueError(f"bank stores ({self.channels}, {self.height}, {self.width}) maps, got {tuple(features.shape[1:])}")
-        keep = torch.isfinite(frames).reshape(frames.shape[0], -1).all(1).tolist()
-        slots, rows = [], []
-        for b, (v, s) in enumerate(zip(volume.tolist(), slice_index.tolist())):
-            if keep[b]:
-                slot = self._slot_for((int(v), int(s)))
-                if slot in slots:  # the same slice twice in a batch: the later sample wins
-                    rows[slots.index(slot)] = b
-                else:
-                    slots.append(slot)
-                    rows.append(b)
-        if slots:
-            slot_t = torch.tensor(slots, dtype=torch.long, device=self.features.device)
-            rows_t = torch.tensor(rows, dtype=torch.long)  # indexes the features and the frames, each on its own device
-            self.features[slot_t] = features.detach()[rows_t.to(features.device)].permute(0, 2, 3, 1).to(self.features)
-            self.frames[slot_t] = frames.detach()[rows_t.to(frames.device)].to(self.frames)
+        dev = self.features.device
+        volume, slice_index = volume.long().to(dev), slice_index.long().to(dev)
+        frames = frames.detach().to(dev, self.frames.dtype)
+        ok = torch.isfinite(frames).reshape(frames.shape[0], -1).all(1)
+        if keep is not None:
+            ok = ok & keep.to(dev)
+        ok = ok & (volume >= 0) & (volume < self.slot_of.shape[0]) & (slice_index >= 0) & (slice_index < self.slot_of.shape[1])
+        v, s = volume.clamp(0, self.slot_of.shape[0] - 1), slice_index.clamp(0, self.slot_of.shape[1] - 1)
+        maps = features.detach().permute(0, 2, 3, 1).to(dev, self.features.dtype)
+        for b in range(features.shape[0]):   # 1-element index tensors: advanced indexing, never a host read
+            vb, sb, okb = v[b : b + 1], s[b : b + 1], ok[b : b + 1]
+            existing = self.slot_of[vb, sb]
+            slot = torch.where(existing >= 0, existing, torch.argmin(self.written).reshape(1))
+            old = self.slot_key[slot]  # (1, 2): the slot's previous key forgets it (a no-op for the same slice)
+            ov, os_ = old[:, 0].clamp_min(0), old[:, 1].clamp_min(0)
+            self.slot_of[ov, os_] = torch.where(okb & (old[:, 0] >= 0), -1, self.slot_of[ov, os_])
+            self.slot_of[vb, sb] = torch.where(okb, slot, self.slot_of[vb, sb])
+            self.slot_key[slot] = torch.where(okb[:, None], torch.stack([vb, sb], 1), old)
+            self.written[slot] = torch.where(okb, self.clock.reshape(1), self.written[slot])
+            self.features[slot] = torch.where(okb[:, None, None, None], maps[b : b + 1], self.features[slot])
+            self.frames[slot] = torch.where(okb[:, None, None], frames[b : b + 1], self.frames[slot])
+            self.clock += okb.long().sum()
 
     def lookup(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear features at original in-plane points ``uv (..., 2)`` of slices ``(volume, slice_index)``.
@@ -150,31 +166,27 @@ class SliceFeatureBank:
         the point lies inside the stored map (features there are 0 elsewhere).
         """
         shape = volume.shape
-        vol, sl = volume.reshape(-1).long(), slice_index.reshape(-1).long()
         dev = self.features.device
-        vol, sl = vol.to(dev), sl.to(dev)
+        vol, sl = volume.reshape(-1).long().to(dev), slice_index.reshape(-1).long().to(dev)
         slot = self.slot_of[vol.clamp(0, self.slot_of.shape[0] - 1), sl.clamp(0, self.slot_of.shape[1] - 1)]
         found = ok.reshape(-1).to(dev) & (slot >= 0)
-        out = torch.zeros((found.shape[0], self.channels), dtype=self.features.dtype, device=dev)
-        cand = found.nonzero()[:, 0]  # work only on points whose slice is stored (usually few)
-        frame = self.frames[slot[cand]]  # (n, 2, 3)
-        p = uv.reshape(-1, 2)[cand.to(uv.device)].to(torch.float64).to(dev)
+        frame = self.frames[slot.clamp_min(0)]  # (n, 2, 3); every point, masked (no data-dependent sizes)
+        p = uv.reshape(-1, 2).to(dev, torch.float64)
         rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (n, 2) map pixel coordinates
         inside = torch.isfinite(rc).all(1)
-        rc = torch.nan_to_num(rc, nan=-10.0)
+        rc = torch.nan_to_num(rc, nan=-10.0, posinf=-10.0, neginf=-10.0)
         inside &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
-        found[cand[~inside]] = False
-        hit, rc = cand[inside], rc[inside]
-        if hit.numel():
-            r = rc[:, 0].clamp(0, self.height - 1)
-            c = rc[:, 1].clamp(0, self.width - 1)
-            r0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0)
-            c0 = c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
-            r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
-            fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
-            f, s = self.features, slot[hit]
-            out[hit] = (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
-                        + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
+        found = found & inside
+        r = rc[:, 0].clamp(0, self.height - 1)
+        c = rc[:, 1].clamp(0, self.width - 1)
+        r0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0)
+        c0 = c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
+        r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
+        fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
+        f, s = self.features, slot.clamp_min(0)
+        out = (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
+               + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
+        out = torch.where(found[:, None], out, torch.zeros((), dtype=out.dtype, device=dev))
         return out.reshape(*shape, self.channels), found.reshape(shape)
 
 
@@ -192,17 +204,17 @@ def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFe
     Returns:
         ``(a_reg (A, D), available (A,) bool)``; ``a_reg`` is 0 where no registered feature was found.
     """
+    dev = bank.features.device
     if volume.numel() == 0:
-        return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=bank.features.device), torch.zeros(0, dtype=torch.bool)
+        return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=dev), torch.zeros(0, dtype=torch.bool, device=dev)
     rows, targets, z, uv_j, ok = correspondence.map_to_partners(volume, slice_index, uv)
     n, v = volume.shape[0], len(correspondence)
-    dev = bank.features.device
     rows = rows.to(dev)
     total = torch.zeros((n, bank.channels), dtype=bank.features.dtype, device=dev)
     count = torch.zeros(n, dtype=torch.long, device=dev)
     for layer in range(int(layers)):
         feats, found = bank.lookup(targets + layer * v, z, uv_j, ok)  # one row per (anchor, registered partner)
-        total.index_add_(0, rows[found], feats[found])
-        count.index_add_(0, rows[found], torch.ones_like(rows[found]))
+        total.index_add_(0, rows, feats * found[:, None].to(feats.dtype))
+        count.index_add_(0, rows, found.long())
     mean = total / count.clamp_min(1)[:, None].to(total.dtype)
     return mean, count > 0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from scripts.data.datalist import load_datalist
+from scripts.data.orientation import oriented_geometry
 from scripts.registration.geometry import check_affine, slice_axis
 from scripts.registration.store import TransformStore
 from scripts.registration.transform import PairTransform, sample_field
@@ -76,11 +77,29 @@ class RegisteredCorrespondence:
                                          torch.as_tensor(inv[jj][:3, :3] @ t[:3, :3]))
         self.voxel_maps = torch.as_tensor(maps)  # (V, V, 4, 4) float64
         self.available = torch.as_tensor(ok)  # (V, V)
-        # registered partners of each volume, CSR: partners of n are partner_index[partner_ptr[n]:partner_ptr[n+1]]
+        # registered partners of each volume as a padded (V, P) table (P: the most partners of any volume), so
+        # that mapping anchors to their partners has a fixed size: A anchors -> A * P rows, no host read
         counts = ok.sum(1).astype(np.int64) if v else np.zeros(0, dtype=np.int64)
+        width = max(int(counts.max()) if v else 0, 1)
+        table = np.zeros((v, width), dtype=np.int64)
+        for n in range(v):
+            table[n, : counts[n]] = np.nonzero(ok[n])[0]
         self.partner_count = torch.as_tensor(counts)
-        self.partner_ptr = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-        self.partner_index = torch.as_tensor(np.nonzero(ok)[1].astype(np.int64))
+        self.partner_table = torch.as_tensor(table)
+        self.partner_mask = torch.arange(width)[None, :] < self.partner_count[:, None]
+        self._max_slices = int(self.shapes.gather(1, self.axes[:, None]).max()) if v else 0
+        self._planes = torch.tensor([[1, 2], [0, 2], [0, 1]])
+
+    def to(self, device: torch.device | str) -> "RegisteredCorrespondence":
+        """Keep the tables on ``device`` (the training device: the look-ups then never leave it); returns self."""
+        for name in ("shapes", "axes", "voxel_maps", "available", "partner_count", "partner_table", "partner_mask", "_planes"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.fields = {k: tuple(t.to(device) for t in f) for k, f in self.fields.items()}
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.voxel_maps.device
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -88,9 +107,7 @@ class RegisteredCorrespondence:
     @property
     def max_slices(self) -> int:
         """The largest number of slices of any volume."""
-        if not len(self):
-            return 0
-        return int(self.shapes.gather(1, self.axes[:, None]).max())
+        return self._max_slices
 
     def num_slices(self) -> torch.Tensor:
         """``(V,)`` slices per volume."""
@@ -108,29 +125,30 @@ class RegisteredCorrespondence:
             volume ``j`` and the in-plane coordinates there; ``ok`` where ``T_ij`` exists and the
             point falls inside ``j``'s slice range (in-plane bounds are checked by the look-up).
         """
-        volume = volume.long().cpu()
+        dev = self.device
+        volume = volume.long().to(dev)
         n, v = volume.shape[0], len(self)
-        rows = torch.arange(n).repeat_interleave(v)
-        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], torch.arange(v).repeat(n))
+        rows = torch.arange(n, device=dev).repeat_interleave(v)
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().to(dev)[rows], uv.to(dev)[rows], torch.arange(v, device=dev).repeat(n))
         return z.reshape(n, v), uv_j.reshape(n, v, 2), ok.reshape(n, v)
 
     def map_to_partners(self, volume: torch.Tensor, slice_index: torch.Tensor,
                         uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`map_slice_points` restricted to the registered partners of each point's volume.
 
-        Returns flat ``(point (E,), volume_j (E,), slice_j (E,), uv_j (E, 2), ok (E,))``, one row per
-        (point, registered partner): with a few partners per volume (``reps_partners``) this is a small
-        fraction of the work of mapping every point to every volume.
+        Returns flat ``(point (E,), volume_j (E,), slice_j (E,), uv_j (E, 2), ok (E,))`` with ``E = A * P``
+        rows, ``P`` partners per point (padded: ``ok`` is False on padding rows): with a few partners per
+        volume (``reps_partners``) a small fraction of the work of mapping every point to every volume,
+        in a fixed size (no host read).
         """
-        volume = volume.long().cpu()
-        counts = self.partner_count[volume]
-        rows = torch.arange(volume.shape[0]).repeat_interleave(counts)
-        # position of each row within its point's partner list
-        first = torch.cumsum(counts, 0) - counts
-        offset = torch.arange(rows.shape[0]) - first.repeat_interleave(counts)
-        targets = self.partner_index[self.partner_ptr[volume[rows]] + offset]
-        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().cpu()[rows], uv.cpu()[rows], targets)
-        return rows, targets, z, uv_j, ok
+        dev = self.device
+        volume = volume.long().to(dev)
+        width = self.partner_table.shape[1]
+        rows = torch.arange(volume.shape[0], device=dev).repeat_interleave(width)
+        targets = self.partner_table[volume].reshape(-1)
+        real = self.partner_mask[volume].reshape(-1)
+        z, uv_j, ok = self._map_pairs(volume[rows], slice_index.long().to(dev)[rows], uv.to(dev)[rows], targets)
+        return rows, targets, z, uv_j, ok & real
 
     def _map_pairs(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor,
                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,34 +156,36 @@ class RegisteredCorrespondence:
         uv = uv.to(torch.float64)
         n = volume.shape[0]
         axes_i = self.axes[volume]  # (N,)
-        vox = torch.empty((n, 3), dtype=torch.float64)
-        plane = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_i]  # in-plane axes per point
+        vox = torch.empty((n, 3), dtype=torch.float64, device=uv.device)
+        plane = self._planes[axes_i]  # in-plane axes per point
         vox.scatter_(1, plane, uv)
         vox.scatter_(1, axes_i[:, None], slice_index[:, None].to(torch.float64))
         m = self.voxel_maps[volume, targets]  # (N, 4, 4)
         vox_j = (m[:, :3, :3] @ vox[..., None])[..., 0] + m[:, :3, 3]  # (N, 3)
-        if self.fields and n:
-            pair = volume * len(self) + targets
-            for key in torch.unique(pair).tolist():
-                field = self.fields.get((key // len(self), key % len(self)))
-                if field is None:
-                    continue
-                sel = pair == key
-                grid = (field[1][:3, :3] @ vox[sel][..., None])[..., 0] + field[1][:3, 3]
-                vox_j[sel] += sample_field(field[0], grid) @ field[2].T  # displacement (RAS mm) -> voxels of j
+        # displacement fields (deformable pairs): every field over every point, masked to its pair; fixed sizes
+        for (i, j), (field, to_grid, to_vox_j) in self.fields.items():
+            if n == 0:
+                break
+            sel = ((volume == i) & (targets == j))[:, None]
+            grid = (to_grid[:3, :3] @ vox[..., None])[..., 0] + to_grid[:3, 3]
+            vox_j = vox_j + torch.where(sel, sample_field(field, grid) @ to_vox_j.T, 0.0)  # displacement (RAS mm) -> voxels of j
         axes_j = self.axes[targets]  # (N,)
         z = vox_j.gather(1, axes_j[:, None])[:, 0].round().long()
-        plane_j = torch.tensor([[1, 2], [0, 2], [0, 1]])[axes_j]  # (N, 2)
+        plane_j = self._planes[axes_j]  # (N, 2)
         uv_j = vox_j.gather(1, plane_j)
         ok = self.available[volume, targets] & (z >= 0) & (z < self.num_slices()[targets])
         return z.clamp(0, max(self.max_slices - 1, 0)), uv_j, ok
 
     @classmethod
     def from_datalist(cls, datalist: str | os.PathLike, registration_dir: str | os.PathLike,
-                      sections: Sequence[str] = ("training", "unlabeled")) -> "RegisteredCorrespondence":
+                      sections: Sequence[str] = ("training", "unlabeled"), orientation: str | None = None) -> "RegisteredCorrespondence":
         """Volumes of ``sections`` of ``datalist`` (geometry read from the image headers) and the transforms
         stored in ``registration_dir`` (a :class:`scripts.registration.TransformStore` folder), with
-        their displacement fields where the registration was deformable."""
+        their displacement fields where the registration was deformable.
+
+        ``orientation``: the networks' orientation (``train.yaml``'s ``orientation``): voxel coordinates are
+        those of each volume reoriented to it, as the training slices are (the world transforms are unchanged).
+        """
         entries = []
         for section in sections:
             try:
@@ -182,9 +202,10 @@ class RegisteredCorrespondence:
                 header = nib.load(e["image"])
             except FileNotFoundError:
                 raise FileNotFoundError(f"datalist {datalist}: image {e['image']} of {e['id']!r} does not exist") from None
+            affine, shape = oriented_geometry(header.affine, header.shape[:3], orientation)
             ids.append(e["id"])
-            affines.append(np.asarray(header.affine, dtype=np.float64))
-            shapes.append(header.shape[:3])
+            affines.append(affine)
+            shapes.append(shape)
         if not os.path.isdir(registration_dir):
             raise FileNotFoundError(f"REPS registration folder {registration_dir} does not exist (run the registration step first)")
         table = TransformStore(registration_dir).load()

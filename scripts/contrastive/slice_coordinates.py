@@ -82,9 +82,10 @@ def fit_patch_frames(coords: torch.Tensor, erode: int = 2, min_pixels: int = 16)
     xty = (x * wgt).transpose(1, 2) @ y  # (B, 3, 2)
     ok = wgt.sum((1, 2)) >= min_pixels
     eye = torch.eye(3, dtype=torch.float64, device=c.device)
-    beta = torch.linalg.solve(torch.where(ok[:, None, None], xtx, eye), xty)  # (B, 3, 2)
+    beta = torch.linalg.solve_ex(torch.where(ok[:, None, None], xtx, eye), xty).result  # (B, 3, 2); no error check: no host read
     frames = beta.transpose(1, 2)
-    frames[~ok] = float("nan")
+    ok = ok & torch.isfinite(frames).reshape(b, -1).all(1)
+    frames = torch.where(ok[:, None, None], frames, float("nan"))
     return frames, ok
 
 
@@ -117,8 +118,9 @@ class ContrastivePrepareBatch(SemiSupervisedPrepareBatch):
         halves = (batchdata["labeled"], batchdata["unlabeled"])
         out = ContrastiveBatch(**vars(base))
         if all(self.id_key in h and self.slice_key in h for h in halves):
-            out.ids = [str(i) for h in halves for i in _as_list(h[self.id_key])]
-            out.slice_index = torch.tensor([int(s) for h in halves for s in _as_list(h[self.slice_key])], dtype=torch.long)
+            out.ids = [str(i) for h in halves for i in (h[self.id_key] if isinstance(h[self.id_key], (list, tuple)) else [h[self.id_key]])]
+            # host tensors from the loader, joined without reading them element by element
+            out.slice_index = torch.cat([torch.as_tensor(h[self.slice_key]).reshape(-1).long() for h in halves])
         if all(self.coords_key in h for h in halves):
             out.slice_coords = torch.cat(
                 [torch.as_tensor(h[self.coords_key].as_tensor() if isinstance(h[self.coords_key], MetaTensor) else h[self.coords_key]) for h in halves]

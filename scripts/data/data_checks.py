@@ -117,31 +117,52 @@ def _check_complete(path: str, img: nib.spatialimages.SpatialImage) -> str | Non
     return None
 
 
-def _nonfinite_problem(path: str, img: nib.spatialimages.SpatialImage) -> str | None:
-    """NaN or inf voxels in an image (only floating-point files can hold them; integer data with the
-    finite scaling checked above cannot). Read slab by slab along the last axis to bound memory."""
-    if np.dtype(img.get_data_dtype()).kind != "f":
-        return None
+def _intensity_problem(path: str, img: nib.spatialimages.SpatialImage, intensity: Mapping | None = None) -> str | None:
+    """NaN or inf voxels, or an image that holds no anatomy: every voxel the same value (an empty
+    series, a failed export), as stored or after the intensity normalisation ``intensity`` (a spec such
+    as ``{"type": "ScaleIntensityRanged", "a_min": -125, "a_max": 275, "clip": true}``: a CT volume
+    entirely outside the HU window). Read slab by slab along the last axis to bound memory."""
     proxy = img.dataobj
+    floating = np.dtype(img.get_data_dtype()).kind == "f"
     nan = inf = 0
+    lo, hi = math.inf, -math.inf
     try:
         depth = proxy.shape[2] if len(proxy.shape) > 2 else 1
         step = max(1, (1 << 24) // max(1, int(np.prod(proxy.shape[:2]))))
         for z in range(0, depth, step):
             slab = np.asarray(proxy[:, :, z : z + step] if len(proxy.shape) > 2 else proxy[:])
-            nan += int(np.isnan(slab).sum())
-            inf += int(np.isinf(slab).sum())
+            if floating:
+                finite, n_nan = np.isfinite(slab), int(np.isnan(slab).sum())
+                nan, inf = nan + n_nan, inf + int(slab.size - finite.sum()) - n_nan
+                slab = slab[finite]
+            if slab.size:
+                lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
         return f"{path}: image data unreadable ({type(err).__name__}: {err})"
     if nan or inf:
         total = int(np.prod(proxy.shape))
         return (f"{path}: image has non-finite values ({nan} NaN and {inf} inf of {total} voxels); "
                 "images must hold finite intensities")
+    if lo == hi:
+        return f"{path}: image is constant (every voxel is {lo:g}): it holds no anatomy to segment (an empty or failed export?)"
+    window = _intensity_window(intensity)
+    if window is not None and (hi <= window[0] or lo >= window[1]):
+        return (f"{path}: image is constant after the intensity window [{window[0]:g}, {window[1]:g}] (its values lie in "
+                f"[{lo:g}, {hi:g}]): it holds no anatomy to segment (wrong units, or not this modality?)")
     return None
 
 
+def _intensity_window(intensity: Mapping | None) -> tuple[float, float] | None:
+    """The clipping window of an intensity spec (MONAI's ``ScaleIntensityRanged`` with ``clip``), else None."""
+    if not isinstance(intensity, Mapping) or not str(intensity.get("type", "")).endswith("ScaleIntensityRanged"):
+        return None
+    if not intensity.get("clip", False) or intensity.get("a_min") is None or intensity.get("a_max") is None:
+        return None
+    return float(intensity["a_min"]), float(intensity["a_max"])
+
+
 def _open(
-    path: str, role: str, problems: list[str], stream: bool = True
+    path: str, role: str, problems: list[str], stream: bool = True, intensity: Mapping | None = None
 ) -> tuple[nib.spatialimages.SpatialImage, tuple[int, ...]] | None:
     """Load a volume's header and check it is a readable 3D file with sane scaling and geometry.
 
@@ -176,8 +197,8 @@ def _open(
     issue = _check_complete(path, img) if stream else None
     if issue:
         found.append(issue)
-    elif stream and role == "image":
-        issue = _nonfinite_problem(path, img)
+    elif stream and role == "image" and not found:
+        issue = _intensity_problem(path, img, intensity)
         if issue:
             found.append(issue)
     problems.extend(found)
@@ -206,14 +227,16 @@ def _label_values(path: str, img: nib.spatialimages.SpatialImage, problems: list
     return values.astype(np.int64)
 
 
-def check_image_file(path: str | os.PathLike) -> None:
-    """Check one inference input: the file exists, nibabel reads it, and it is a complete 3D volume.
+def check_image_file(path: str | os.PathLike, intensity: Mapping | None = None, role: str = "image") -> None:
+    """Check one inference input: the file exists, nibabel reads it, and it is a complete 3D volume;
+    an image (``role``) also holds finite, not constant intensities (before and after ``intensity``,
+    the model's normalisation spec). ``role="label"`` checks a label file's container only.
 
     Raises:
         DataCheckError: listing the problems, each naming the file.
     """
     problems: list[str] = []
-    _open(os.fspath(path), "image", problems)
+    _open(os.fspath(path), role, problems, intensity=intensity)
     if problems:
         raise DataCheckError(problems)
 
@@ -293,13 +316,15 @@ def check_datalist(
     label_mapping: Mapping[str, Sequence[int]] | None = None,
     require_labeled: bool = True,
     nonempty: Sequence[str] = (),
+    intensity: Mapping | None = None,
 ) -> dict:
     """Check a datalist and every file it names in ``sections``; raise if anything is wrong.
 
     Checks: the datalist reads; requested sections exist; ``training`` is not empty (when
     ``require_labeled``) and neither is any section named in ``nonempty``; ids are present and unique across all sections; every image / label /
     true_label file exists, is readable and complete, is 3D (a trailing singleton dimension is
-    accepted), has a finite non-degenerate affine and no NaN/inf intensity scaling; each label has its
+    accepted), has a finite non-degenerate affine and no NaN/inf intensity scaling; every image holds finite intensities that are
+    not all equal (before, and after ``intensity``'s clipping window, the normalisation spec); each label has its
     image's shape and geometry (affine within 1e-3 mm + 1e-4 relative) and integer values in
     ``0..num_classes-1`` after ``label_mapping``. ``num_classes`` defaults to the number of the
     datalist's ``labels``; ``label_mapping`` (``{"orig": [...], "target": [...]}``) to the datalist's
@@ -367,7 +392,7 @@ def check_datalist(
                 problems.append(f"{where}: {name} has no 'image' path")
                 continue
             files += 1
-            image_info = _open(image, "image", problems)
+            image_info = _open(image, "image", problems, intensity=intensity)
             label_keys = [k for k in ("label", "true_label") if entry.get(k) is not None]
             if section in LABELED_SECTIONS and "label" not in label_keys:
                 problems.append(f"{where}: {name} ({image}) has no 'label' (required in section {section!r})")

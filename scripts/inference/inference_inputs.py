@@ -24,6 +24,7 @@ def collect_inputs(
     pattern: str = "*.nii*",
     datalist: str | None = None,
     section: str = "test",
+    intensity: dict | None = None,
 ) -> list[dict]:
     """Return ``[{"image": path, ...}]`` for inference, from the first of these that is given.
 
@@ -33,9 +34,10 @@ def collect_inputs(
         pattern: glob pattern inside ``input_dir``.
         datalist: a datalist JSON; the entries of ``section`` are taken (labels kept, for evaluation).
         section: the datalist section to use.
+        intensity: the model's intensity normalisation spec (an input constant after it is refused).
 
     Raises:
-        DataCheckError: no input found, or an input that is missing, unreadable or not 3D.
+        DataCheckError: no input found, or an input that is missing, unreadable, not 3D, or constant.
     """
     if input_files:
         files = [input_files] if isinstance(input_files, (str, os.PathLike)) else list(input_files)
@@ -56,7 +58,7 @@ def collect_inputs(
     problems: list[str] = []
     for item in items:
         try:
-            check_image_file(item["image"])
+            check_image_file(item["image"], intensity=intensity)
         except DataCheckError as e:
             problems.extend(e.problems)
     if problems:
@@ -72,6 +74,7 @@ def collect_labeled_inputs(
     pattern: str = "*.nii*",
     datalist: str | None = None,
     section: str = "validation",
+    intensity: dict | None = None,
 ) -> list[dict]:
     """``[{"image": path, "label": path}]`` for evaluation, from the first of these that is given.
 
@@ -82,7 +85,8 @@ def collect_labeled_inputs(
 
     Raises:
         DataCheckError: no input, a list or folder missing, an image without a label or a label
-            without an image (all named), or an unreadable / non-3D file.
+            without an image (all named), an unreadable / non-3D file, or a constant image (``intensity``:
+            the model's normalisation spec).
     """
     as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x or [])  # noqa: E731
     problems: list[str] = []
@@ -120,7 +124,7 @@ def collect_labeled_inputs(
     for item in items:
         for key in ("image", "label"):
             try:
-                check_image_file(item[key])
+                check_image_file(item[key], intensity=intensity if key == "image" else None, role=key)
             except DataCheckError as e:
                 problems.extend(e.problems)
     if problems:

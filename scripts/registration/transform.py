@@ -112,7 +112,7 @@ def sample_field(field: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
     Points more than half a control spacing outside the grid get zero displacement (ITK's rule);
     inside that margin the border value is used.
     """
-    shape = torch.as_tensor(field.shape[1:], dtype=vox.dtype)
+    shape = torch.as_tensor(field.shape[1:], dtype=vox.dtype, device=vox.device)
     norm = 2 * vox / torch.clamp(shape - 1, min=1) - 1
     grid = norm.flip(-1).reshape(1, 1, 1, -1, 3).to(field.dtype)
     out = F.grid_sample(field[None], grid, mode="bilinear", padding_mode="border", align_corners=True)

@@ -186,11 +186,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
             prepare_batch=SemiSupervisedPrepareBatch() if prepare_batch is None else prepare_batch,
             inferer=SimpleInferer(),
             train_handlers=train_handlers,
-            amp=amp,
+            amp=False,  # set below: MONAI builds a deprecated CUDA-only GradScaler that warns on a CPU
             decollate=False,  # the output is a dict of scalars; nothing to decollate
             amp_kwargs=amp_kwargs,
             optim_set_to_none=optim_set_to_none,
         )
+        self.amp = bool(amp)
+        # float16 on CUDA needs loss scaling; bfloat16 (the CPU's autocast type) does not
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and torch.device(device).type == "cuda" else None
         self.net_b = net_b
         self.optimizer_b = optimizer_b
         self.consistency = consistency
@@ -438,7 +441,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["w_rsl"] = torch.tensor(engine._w_rsl_now)
         if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
-                terms[f"reps_found_{which}"] = torch.tensor(share)  # anchors with a registered positive
+                terms[f"reps_found_{which}"] = torch.as_tensor(share)  # anchors with a registered positive (device scalar)
         engine.state.output["terms"] = {k: v.detach().float() for k, v in terms.items()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -1,5 +1,10 @@
 """Stop training at the first non-finite loss, before it reaches the weights.
 
+In the bundle's trainers this is :class:`scripts.training.loss_log.LossLog`'s job: with fused optimizers
+it skips a NaN/inf iteration's update on the device and reports it at the next host copy of the losses
+(no host read per iteration). :class:`NonFiniteLossGuard` below reads every loss at once; it suits any
+optimizer and trainer outside the bundle's configs.
+
 A NaN or inf loss, back-propagated, turns every parameter into NaN; the run would then go on to its
 end, validate at Dice 0 and save that network. :class:`NonFiniteLossGuard` checks the loss when the
 trainer fires ``LOSS_COMPLETED`` (after the forward pass, before ``backward`` and the optimizer
@@ -20,7 +25,7 @@ from monai.engines.utils import IterationEvents
 
 from scripts.user_errors import BundleInputError
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "batch_volume_ids"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "batch_volume_ids", "nonfinite_message"]
 
 
 class NonFiniteLossError(BundleInputError, RuntimeError):
@@ -61,13 +66,20 @@ class NonFiniteLossGuard:
         loss = torch.as_tensor(loss).detach()
         if bool(torch.isfinite(loss).all()):
             return
-        ids = batch_volume_ids(engine.state.batch)
-        where = ""
-        if self.state_path:
-            saved = "written at the last validation" if os.path.exists(self.state_path) else "not written yet"
-            where = f"; the last good state is {self.state_path} ({saved})"
-        raise NonFiniteLossError(
-            f"training stopped at iteration {engine.state.iteration}: the loss is {float(loss.float().mean())} "
-            f"on the batch of volumes {ids or '(no ids in the batch)'}; no update was applied{where}. "
-            "Check these volumes and their labels, or lower the learning rate, then resume with --resume true."
-        )
+        raise NonFiniteLossError(nonfinite_message(engine.state.iteration, float(loss.float().mean()),
+                                                   batch_volume_ids(engine.state.batch), self.state_path))
+
+
+def nonfinite_message(iteration: int, value: float, ids: list[str] | None, state_path: str | None = None,
+                      skipped: bool = False, count: int = 1) -> str:
+    """The one message of a non-finite loss: where, which volumes, what happened to the weights, what to do."""
+    where = ""
+    if state_path:
+        saved = "written at the last validation" if os.path.exists(state_path) else "not written yet"
+        where = f"; the last good state is {state_path} ({saved})"
+    what = f"the loss is {value}" if not skipped else "the loss is not finite (NaN or inf)"
+    more = f" ({count} iterations since the last log line)" if count > 1 else ""
+    applied = "its update was skipped" if skipped else "no update was applied"
+    return (f"training stopped at iteration {iteration}: {what}{more} on the batch of volumes "
+            f"{ids or '(no ids in the batch)'}; {applied}{where}. "
+            "Check these volumes and their labels, or lower the learning rate, then resume with --resume true.")

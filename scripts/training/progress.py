@@ -61,7 +61,7 @@ class RunProgress:
     """
 
     def __init__(self, num_iterations: int, evaluator: Engine, best_model, val_interval: int, class_names: Sequence[str],
-                 class_metric: str = "val_dice_", progress: bool = True) -> None:
+                 class_metric: str = "val_dice_", progress: bool = True, loss_log=None) -> None:
         self.num_iterations = int(num_iterations)
         self.evaluator = evaluator
         self.best_model = best_model
@@ -69,6 +69,7 @@ class RunProgress:
         self.class_names = list(class_names)
         self.class_metric = class_metric
         self.progress = bool(progress)
+        self.loss_log = loss_log   # a LossLog: the bar shows its host copy (no device read per iteration)
         self._bar: tqdm | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -80,13 +81,21 @@ class RunProgress:
         engine.add_event_handler(Events.TERMINATE, self.close)
 
     def started(self, engine: Engine) -> None:
-        done = int(engine.state.iteration)
-        self._bar = tqdm(total=self.num_iterations, initial=done, desc="training", unit="it", dynamic_ncols=True,
-                         disable=not self.progress, smoothing=0.05)
+        # the bar opens at the first iteration: a resumed run's checkpoint is loaded after STARTED handlers, and
+        # the bar must start at the resumed iteration (its ETA is the rest of the run's)
+        self._open = True
 
     def iteration_completed(self, engine: Engine) -> None:
+        if self._bar is None and getattr(self, "_open", False):
+            self._open = False
+            self._bar = tqdm(total=self.num_iterations, initial=int(engine.state.iteration) - 1, desc="training", unit="it",
+                             dynamic_ncols=True, disable=not self.progress, smoothing=0.05)
         if self._bar is not None:
             self._bar.update(1)
+            if self.loss_log is not None:
+                if self.loss_log.iteration == engine.state.iteration and self.loss_log.loss is not None:
+                    self._bar.set_postfix(loss=f"{self.loss_log.loss:.4f}", refresh=False)
+                return
             terms = _loss_terms(engine.state.output)
             loss = terms.get("loss", sum(v for k, v in terms.items() if k.startswith("loss_")) if terms else None)
             if loss is not None and engine.state.iteration % 10 == 0:
@@ -138,7 +147,8 @@ class TrainingCurves:
         class_metric: the name prefix of the evaluator's per-class Dice scalars.
     """
 
-    def __init__(self, path: str | os.PathLike, evaluator: Engine, class_names: Sequence[str], class_metric: str = "val_dice_") -> None:
+    def __init__(self, path: str | os.PathLike, evaluator: Engine, class_names: Sequence[str], class_metric: str = "val_dice_",
+                 loss_log=None) -> None:
         self.path = str(path)
         self.evaluator = evaluator
         self.class_names = list(class_names)
@@ -146,12 +156,15 @@ class TrainingCurves:
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {"loss terms": {}, "validation Dice": {}, "pseudo-label Dice": {}}
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+        self.loss_log = loss_log   # a LossLog: the epoch means of its host copies (no device read per iteration)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def iteration_completed(self, engine: Engine) -> None:
+        if self.loss_log is not None:
+            return
         for k, v in _loss_terms(engine.state.output).items():
             if math.isfinite(v):
                 self._sums[k] += v
@@ -162,6 +175,8 @@ class TrainingCurves:
 
     def epoch_completed(self, engine: Engine) -> None:
         it = int(engine.state.iteration)
+        if self.loss_log is not None:
+            self._sums, self._count = defaultdict(float, self.loss_log.epoch_means()), 1
         for k, total in self._sums.items():
             self._add("loss terms", k, it, total / max(1, self._count))
         self._sums.clear()

@@ -94,15 +94,14 @@ class SelectedSamplesLoss(nn.Module):
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` ``(U,)``: per-sample weights; the loss is then ``mean_i(w_i * loss(sample i))`` over all
         samples (invalid ones count as 0), each sample's loss computed alone."""
+        if valid is None and weight is None:
+            return self.loss(input, target)
+        # every sample's loss alone, combined with weights on the device (no host read of valid / weight):
+        # the supervised losses here (Dice per sample + CE averaged over pixels) are means of per-sample losses,
+        # so the mean over the valid samples equals loss(input[valid], target[valid])
+        per_sample = torch.stack([self.loss(input[i : i + 1], target[i : i + 1]) for i in range(input.shape[0])])
+        v = torch.ones_like(per_sample) if valid is None else (valid.reshape(-1) > 0).to(per_sample.dtype)
         if weight is not None:
-            w = weight.reshape(-1).to(input.dtype) * (1.0 if valid is None else (valid.reshape(-1) > 0).to(input.dtype))
-            per_sample = [w[i] * self.loss(input[i : i + 1], target[i : i + 1]) for i in range(input.shape[0]) if w[i] > 0]
-            return torch.stack(per_sample).sum() / input.shape[0] if per_sample else input.sum() * 0.0
-        if valid is None:
-            return self.loss(input, target)
-        keep = valid.reshape(-1) > 0
-        if bool(keep.all()):
-            return self.loss(input, target)
-        if not bool(keep.any()):
-            return input.sum() * 0.0
-        return self.loss(input[keep], target[keep])
+            w = weight.reshape(-1).to(per_sample.dtype) * v
+            return torch.where(w > 0, w * per_sample, 0.0).sum() / input.shape[0]
+        return torch.where(v > 0, per_sample, 0.0).sum() / v.sum().clamp_min(1.0)

@@ -34,13 +34,18 @@ def train_loss(output) -> float:
     return scalars["train_loss"] if isinstance(scalars, dict) else float(scalars)
 
 
-def for_trainer(handlers: Iterable) -> list:
-    """The trainer's handlers without disabled ones (``None``), MLflow handlers reading scalar losses."""
+def for_trainer(handlers: Iterable, loss_log=None) -> list:
+    """The trainer's handlers without disabled ones (``None``); MLflow handlers log scalar losses: with a
+    :class:`scripts.training.loss_log.LossLog`, its host copy every ``log_every`` iterations (no device read)."""
     out = []
     for handler in handlers:
         if handler is None:
             continue
         if type(handler).__name__ == "MLFlowHandler":
-            handler.output_transform = loss_and_terms
+            if loss_log is not None:
+                handler.output_transform = loss_log.scalars
+                handler.iteration_log = loss_log.log_now
+            else:
+                handler.output_transform = loss_and_terms
         out.append(handler)
     return out

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
 from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
@@ -91,26 +90,40 @@ class StrongPerturbation:
         b = (torch.rand(shape, device=x.device) * 2 - 1) * self.brightness
         mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         out = (x - mean) * c + mean + b
-        blurred = []
-        for i in range(u):
-            if torch.rand(()) < self.blur_prob:
-                sigma = float(torch.empty(()).uniform_(*self.blur_sigma))
-                blurred.append(GaussianFilter(2, sigma).to(x.device)(out[i : i + 1]))
-            else:
-                blurred.append(out[i : i + 1])
-        return torch.cat(blurred)
+        # a Gaussian blur of random sigma on a random half of the slices, all slices in one grouped
+        # convolution (separable, truncated at 4 sigma of the largest sigma); drawn on the device
+        blur = torch.rand(u, device=x.device) < self.blur_prob
+        lo, hi = self.blur_sigma
+        sigma = lo + (hi - lo) * torch.rand(u, device=x.device)
+        radius = max(1, math.ceil(4.0 * hi))
+        taps = torch.arange(-radius, radius + 1, device=x.device, dtype=out.dtype)
+        kernel = torch.exp(-0.5 * (taps[None, :] / sigma[:, None].to(out.dtype)) ** 2)
+        kernel = kernel / kernel.sum(1, keepdim=True)  # (U, k)
+        c = out.shape[1]
+        k = kernel.repeat_interleave(c, 0)  # (U * C, k): one kernel per slice and channel
+        flat = out.reshape(1, u * c, *out.shape[2:])
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=u * c)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=u * c)
+        return torch.where(blur.reshape(shape), flat.reshape(out.shape), out)
 
     def boxes(self, u: int, h: int, w: int, device) -> torch.Tensor:
-        box = torch.zeros((u, 1, h, w), device=device)
-        for i in range(u):
-            if u < 2 or torch.rand(()) >= self.cutmix_prob:
-                continue
-            area = float(torch.empty(()).uniform_(*self.cutmix_area)) * h * w
-            ratio = math.exp(float(torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3))))
-            bh, bw = min(h, max(1, round(math.sqrt(area * ratio)))), min(w, max(1, round(math.sqrt(area / ratio))))
-            top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
-            box[i, :, top : top + bh, left : left + bw] = 1
-        return box
+        """``(U, 1, H, W)`` CutMix masks: a box of random area and aspect ratio on a random share of the
+        slices, drawn on the device in one go."""
+        if u < 2:
+            return torch.zeros((u, 1, h, w), device=device)
+        pasted = torch.rand(u, device=device) < self.cutmix_prob
+        a0, a1 = self.cutmix_area
+        area = (a0 + (a1 - a0) * torch.rand(u, device=device)) * h * w
+        ratio = torch.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(u, device=device))
+        bh = torch.round(torch.sqrt(area * ratio)).clamp(1, h)
+        bw = torch.round(torch.sqrt(area / ratio)).clamp(1, w)
+        top = torch.floor(torch.rand(u, device=device) * (h - bh + 1))
+        left = torch.floor(torch.rand(u, device=device) * (w - bw + 1))
+        rows = torch.arange(h, device=device, dtype=bh.dtype)[None, :, None]
+        cols = torch.arange(w, device=device, dtype=bw.dtype)[None, None, :]
+        inside = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
+                  & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]))
+        return (inside & pasted[:, None, None])[:, None].float()
 
     def __call__(self, x: torch.Tensor) -> MixedView:
         u, h, w = x.shape[0], x.shape[-2], x.shape[-1]
@@ -137,7 +150,10 @@ def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None
         layer = next((name for cls, name in BOTTLENECKS.items() if isinstance(net, cls)), None)
         if layer is None:
             raise ValueError(f"no bottleneck known for {type(net).__name__}; known: {[c.__name__ for c in BOTTLENECKS]}")
-    module = dict(net.named_modules())[layer]
+    cache = net.__dict__.setdefault("_w2s_layers", {})  # named_modules() once per network, not per iteration
+    if layer not in cache:
+        cache[layer] = dict(net.named_modules())[layer]
+    module = cache[layer]
     handle = module.register_forward_hook(lambda m, args, out: F.dropout2d(out, p, training=True))
     try:
         yield
