@@ -159,6 +159,35 @@ class SliceFeatureBank:
             self.frames[slot] = torch.where(okb[:, None, None], frames[b : b + 1], self.frames[slot])
             self.clock += okb.long().sum()
 
+    def locate(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor,
+               ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where original in-plane points ``uv (n, 2)`` of slices ``(volume, slice_index)`` lie in the bank:
+        ``(slot (n,), map pixel (n, 2), found (n,))``; ``found`` where ``ok``, the slice is stored and the
+        point lies inside its map. Cheap (no feature is read); every point, masked."""
+        dev = self.features.device
+        vol, sl = volume.reshape(-1).long().to(dev), slice_index.reshape(-1).long().to(dev)
+        slot = self.slot_of[vol.clamp(0, self.slot_of.shape[0] - 1), sl.clamp(0, self.slot_of.shape[1] - 1)]
+        found = ok.reshape(-1).to(dev) & (slot >= 0)
+        frame = self.frames[slot.clamp_min(0)]  # (n, 2, 3)
+        p = uv.reshape(-1, 2).to(dev, torch.float64)
+        rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (n, 2) map pixel coordinates
+        inside = torch.isfinite(rc).all(1)
+        rc = torch.nan_to_num(rc, nan=-10.0, posinf=-10.0, neginf=-10.0)
+        inside &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
+        return slot.clamp_min(0), rc, found & inside
+
+    def sample(self, slot: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+        """Bilinear features ``(n, D)`` of stored maps ``slot (n,)`` at map pixels ``rc (n, 2)``."""
+        r = rc[:, 0].clamp(0, self.height - 1)
+        c = rc[:, 1].clamp(0, self.width - 1)
+        r0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0)
+        c0 = c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
+        r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
+        fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
+        f, s = self.features, slot
+        return (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
+                + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
+
     def lookup(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear features at original in-plane points ``uv (..., 2)`` of slices ``(volume, slice_index)``.
 
@@ -166,28 +195,16 @@ class SliceFeatureBank:
         the point lies inside the stored map (features there are 0 elsewhere).
         """
         shape = volume.shape
-        dev = self.features.device
-        vol, sl = volume.reshape(-1).long().to(dev), slice_index.reshape(-1).long().to(dev)
-        slot = self.slot_of[vol.clamp(0, self.slot_of.shape[0] - 1), sl.clamp(0, self.slot_of.shape[1] - 1)]
-        found = ok.reshape(-1).to(dev) & (slot >= 0)
-        frame = self.frames[slot.clamp_min(0)]  # (n, 2, 3); every point, masked (no data-dependent sizes)
-        p = uv.reshape(-1, 2).to(dev, torch.float64)
-        rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (n, 2) map pixel coordinates
-        inside = torch.isfinite(rc).all(1)
-        rc = torch.nan_to_num(rc, nan=-10.0, posinf=-10.0, neginf=-10.0)
-        inside &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
-        found = found & inside
-        r = rc[:, 0].clamp(0, self.height - 1)
-        c = rc[:, 1].clamp(0, self.width - 1)
-        r0 = r.floor().long().clamp(max=self.height - 2 if self.height > 1 else 0)
-        c0 = c.floor().long().clamp(max=self.width - 2 if self.width > 1 else 0)
-        r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
-        fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
-        f, s = self.features, slot.clamp_min(0)
-        out = (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
-               + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
-        out = torch.where(found[:, None], out, torch.zeros((), dtype=out.dtype, device=dev))
+        slot, rc, found = self.locate(volume, slice_index, uv, ok)
+        out = torch.where(found[:, None], self.sample(slot, rc), torch.zeros((), dtype=self.features.dtype, device=slot.device))
         return out.reshape(*shape, self.channels), found.reshape(shape)
+
+
+#: Registered look-ups read per anchor, on average, at most (a fixed budget: a labeled volume is a partner of
+#: every unlabeled one, so its anchors map to ~all volumes, of which the bank holds a fifth). Points found in the
+#: bank beyond the budget are dropped at random: each anchor's positive is then the mean over a random subset of
+#: its found partners.
+MAX_LOOKUPS_PER_ANCHOR = 8
 
 
 def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFeatureBank, volume: torch.Tensor,
@@ -212,9 +229,14 @@ def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFe
     rows = rows.to(dev)
     total = torch.zeros((n, bank.channels), dtype=bank.features.dtype, device=dev)
     count = torch.zeros(n, dtype=torch.long, device=dev)
+    budget = min(rows.shape[0], MAX_LOOKUPS_PER_ANCHOR * n)
     for layer in range(int(layers)):
-        feats, found = bank.lookup(targets + layer * v, z, uv_j, ok)  # one row per (anchor, registered partner)
-        total.index_add_(0, rows, feats * found[:, None].to(feats.dtype))
-        count.index_add_(0, rows, found.long())
+        slot, rc, found = bank.locate(targets + layer * v, z, uv_j, ok)  # one row per (anchor, registered partner)
+        # read features only for a fixed number of rows: the found ones first (random order among them)
+        pick = torch.topk(found.to(torch.float32) + 0.5 * torch.rand(found.shape, device=dev), budget).indices
+        hit = found[pick]
+        feats = bank.sample(slot[pick], rc[pick]) * hit[:, None].to(bank.features.dtype)
+        total.index_add_(0, rows[pick], feats)
+        count.index_add_(0, rows[pick], hit.long())
     mean = total / count.clamp_min(1)[:, None].to(total.dtype)
     return mean, count > 0
