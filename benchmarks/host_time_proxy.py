@@ -69,21 +69,25 @@ def _trainer(root: str, variant: str, data: str, total: int, log_every: int):
 
 
 def run_iterations(root: str, variant: str, data: str, warmup: int, iterations: int, log_every: int, count: bool) -> dict:
-    """Median time of the iterations after ``warmup`` (``count``: under the op counter, with op and sync counts)."""
+    """Median time of the iterations after ``warmup`` but the last (``count``: under the op counter, with op and
+    sync counts)."""
     from ignite.engine import Events
 
     trainer = _trainer(root, variant, data, warmup + iterations, log_every)
     counter_cls = _counter_class() if count else None
     times, counters = [], []
 
+    total = warmup + iterations
+    timed_iteration = lambda it: warmup < it < total  # noqa: E731  (the last one ends the epoch: its host copy is by design)
+
     def start(engine):
-        if engine.state.iteration > warmup and counter_cls is not None:
+        if timed_iteration(engine.state.iteration) and counter_cls is not None:
             counters.append(counter_cls())
             counters[-1].__enter__()
         engine.state.t0 = time.perf_counter()
 
     def end(engine):
-        if engine.state.iteration > warmup:
+        if timed_iteration(engine.state.iteration):
             times.append(time.perf_counter() - engine.state.t0)
             if counters:
                 counters[-1].__exit__(None, None, None)
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
             pairs.append(got)
         counts = {}
         for name, root in (("a", args.root), ("b", args.vs)):
-            cmd = [sys.executable, __file__, "--_count", root, variant, data, "2", "2", str(args.log_every)]
+            cmd = [sys.executable, __file__, "--_count", root, variant, data, "2", "3", str(args.log_every)]
             counts[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
         ratios = [p["a"] / p["b"] for p in pairs]
         row = {"variant": variant, "a_median_s": statistics.median(p["a"] for p in pairs), "b_median_s": statistics.median(p["b"] for p in pairs),

@@ -270,3 +270,37 @@ def test_datalist_tool_user_mistakes_are_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: image folder {tmp_path / 'nope'} is not a folder"
+
+
+def test_refused_input_leaves_no_output_folder_behind(tmp_path, trained):
+    """A constant image (no anatomy) is refused with one line naming it, and neither --output_dir nor an
+    automatic eval/inference_* folder is left behind empty."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((20, 18, 5), np.float32), np.diag([1.5, 1.5, 8.0, 1.0])), str(inputs / "empty.nii.gz"))
+    out = tmp_path / "out"
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
+                  "--input_dir", str(inputs), "--output_dir", str(out))
+    assert proc.returncode != 0 and "empty.nii.gz: image is constant" in proc.stderr
+    assert not out.exists()
+    before = sorted((trained / "eval").glob("inference_*"))
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained), "--input_dir", str(inputs))
+    assert proc.returncode != 0 and sorted((trained / "eval").glob("inference_*")) == before
+
+
+def test_weights_without_their_description_are_refused(tmp_path, trained):
+    """model.pt without model_config.json would be rebuilt as the built-in default network: refused, unless
+    --model_config_file names the description."""
+    import shutil
+
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    shutil.copy(trained / "models" / "model.pt", root / "models" / "model.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _oblique_volume(inputs / "case.nii.gz")
+    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(root), "--input_dir", str(inputs))
+    assert proc.returncode != 0 and "has no model description beside it" in proc.stderr and "--model_config_file" in proc.stderr
+    ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(root), "--input_dir", str(inputs),
+              "--model_config_file", str(trained / "models" / "model_config.json"), "--output_dir", str(tmp_path / "out")))
+    assert (tmp_path / "out" / "case_seg.nii.gz").exists()

@@ -53,6 +53,9 @@ def run_folder(root: str | os.PathLike, kind: str, folder: str | os.PathLike | N
     by ``--tracking``).
     """
     key = (os.path.abspath(root), kind)
+    target_given = Path(folder) if folder else (Path(root) / str(name) if name else None)
+    if target_given is not None and not target_given.exists():
+        _remove_if_empty_at_exit(target_given)
     if folder:
         target = Path(folder)
     elif name:
@@ -66,6 +69,7 @@ def run_folder(root: str | os.PathLike, kind: str, folder: str | os.PathLike | N
             try:
                 Path(root).mkdir(parents=True, exist_ok=True)
                 target.mkdir()
+                _remove_if_empty_at_exit(target)
                 break
             except FileExistsError:
                 n += 1
@@ -80,6 +84,26 @@ def run_folder(root: str | os.PathLike, kind: str, folder: str | os.PathLike | N
 
 
 _NEW_FOLDERS: dict[tuple[str, str], str] = {}
+_CREATED: list[Path] = []
+
+
+def _remove_if_empty_at_exit(folder: Path) -> None:
+    """A run folder this process creates and leaves empty (a refused input, an error before any output) is
+    removed when the process ends, so a failed command leaves nothing behind."""
+    import atexit
+
+    if not _CREATED:
+        atexit.register(_remove_empty_created)
+    _CREATED.append(Path(folder))
+
+
+def _remove_empty_created() -> None:
+    for folder in reversed(_CREATED):
+        try:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:
+            pass
 
 
 class OutputsLog:

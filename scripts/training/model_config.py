@@ -139,14 +139,23 @@ def _check(config: Mapping[str, Any], where: str) -> None:
             raise ModelConfigError(f"{where}: network {name!r} has no 'type'")
 
 
-def read_model_config(path: str | os.PathLike, default: Mapping[str, Any] | None = None) -> dict:
-    """Read ``model_config.json``; ``default`` (if given) when the file does not exist.
+def read_model_config(path: str | os.PathLike, default: Mapping[str, Any] | None = None,
+                      model_path: str | os.PathLike | None = None) -> dict:
+    """Read ``model_config.json``; ``default`` (if given) when the file does not exist and there is no
+    trained model either (``model_path`` missing: a fresh clone, e.g. for ``verify_net_in_out``).
+
+    A ``model.pt`` without its ``model_config.json`` is refused: the built-in description would rebuild
+    the bundle's default network at its patch size, which is wrong for weights trained otherwise.
 
     Raises:
-        ModelConfigError: unreadable or incomplete file, or no file and no default.
+        ModelConfigError: unreadable or incomplete file, weights without their description, or no file and no default.
     """
     path = Path(path)
     if not path.exists():
+        if model_path is not None and Path(model_path).exists():
+            raise ModelConfigError(
+                f"{model_path} has no model description beside it ({path} is missing): copy the model_config.json written "
+                "with these weights next to them, or pass --model_config_file PATH to the one to use")
         if default is None:
             raise ModelConfigError(f"{path}: no model description; train a model first (run training writes it)")
         return {"format": FORMAT, **_plain(default)}
