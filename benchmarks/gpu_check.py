@@ -165,7 +165,7 @@ def main() -> None:
     report["training"] = [time_training(datalist, registration, args.device, args.patch, args.batch, args.warmup, args.iterations, amp,
                                         overrides) for amp in (bool(a) for a in args.amp)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=4))
     print(f"\n{report['gpu'] or report['device']} | torch {report['torch']}")
     print("| what | device | amount | seconds | rate | peak GPU MB |\n|---|---|---:|---:|---:|---:|")
     for r in report["registration"]:

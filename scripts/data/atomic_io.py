@@ -51,7 +51,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
+def write_json(path: str | os.PathLike, obj, indent: int = 4) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 

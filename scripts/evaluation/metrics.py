@@ -103,8 +103,8 @@ __all__ = [
     "SegmentationReport",
 ]
 
+#: The metric keys of a case row, in report order.
 METRICS: tuple[str, ...] = ("dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis")
-"""The metric keys of a case row, in report order."""
 
 PER_CASE_COLUMNS: tuple[str, ...] = (
     "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis", "gt_empty",
