@@ -57,6 +57,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.engines import SupervisedTrainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from torch import nn
@@ -192,8 +193,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             optim_set_to_none=optim_set_to_none,
         )
         self.amp = bool(amp)
-        # float16 on CUDA needs loss scaling; bfloat16 (the CPU's autocast type) does not
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp and torch.device(device).type == "cuda" else None
+        self.scaler = self._new_scaler()
         self.net_b = net_b
         self.optimizer_b = optimizer_b
         self.consistency = consistency
@@ -237,6 +237,16 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.w2s_weight, self.w2s_threshold, self.w2s_dropout = float(w2s_weight), float(w2s_threshold), float(w2s_dropout)
         self.strong_perturbation = StrongPerturbation() if strong_perturbation is None else strong_perturbation
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
+
+    def _new_scaler(self):
+        """float16 on CUDA needs loss scaling; bfloat16 (the CPU's autocast type) does not. (MONAI's ``Trainer``
+        builds the deprecated ``torch.cuda.amp.GradScaler`` whenever ``amp`` is on, which warns twice on a CPU.)"""
+        return torch.amp.GradScaler("cuda") if self.amp and torch.device(self.state.device).type == "cuda" else None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train (a fresh gradient scaler per run, as MONAI's ``Trainer.run``, but only where one is needed)."""
+        self.scaler = self._new_scaler()
+        Workflow.run(self)
 
     # ------------------------------------------------------------------ loss terms
     def w_rsl(self, iteration: int) -> float:
