@@ -84,15 +84,14 @@ class RegisteredCorrespondence:
         table = np.zeros((v, width), dtype=np.int64)
         for n in range(v):
             table[n, : counts[n]] = np.nonzero(ok[n])[0]
-        self.partner_count = torch.as_tensor(counts)
         self.partner_table = torch.as_tensor(table)
-        self.partner_mask = torch.arange(width)[None, :] < self.partner_count[:, None]
+        self.partner_mask = torch.as_tensor(np.arange(width)[None, :] < counts[:, None])
         self._max_slices = int(self.shapes.gather(1, self.axes[:, None]).max()) if v else 0
         self._planes = torch.tensor([[1, 2], [0, 2], [0, 1]])
 
     def to(self, device: torch.device | str) -> "RegisteredCorrespondence":
         """Keep the tables on ``device`` (the training device: the look-ups then never leave it); returns self."""
-        for name in ("shapes", "axes", "voxel_maps", "available", "partner_count", "partner_table", "partner_mask", "_planes"):
+        for name in ("shapes", "axes", "voxel_maps", "available", "partner_table", "partner_mask", "_planes"):
             setattr(self, name, getattr(self, name).to(device))
         self.fields = {k: tuple(t.to(device) for t in f) for k, f in self.fields.items()}
         return self

@@ -100,10 +100,9 @@ class ContrastiveBatch(SemiSupervisedBatch):
     slice_coords: torch.Tensor | None = None
 
 
-def _as_list(x) -> list:
-    if isinstance(x, torch.Tensor):
-        return x.reshape(-1).tolist()
-    return list(x)
+def _ids(x) -> list[str]:
+    """A half's volume ids (the loader collates them into a list; one id alone stays one)."""
+    return [str(i) for i in ([x] if isinstance(x, str) else x)]
 
 
 class ContrastivePrepareBatch(SemiSupervisedPrepareBatch):
@@ -118,7 +117,7 @@ class ContrastivePrepareBatch(SemiSupervisedPrepareBatch):
         halves = (batchdata["labeled"], batchdata["unlabeled"])
         out = ContrastiveBatch(**vars(base))
         if all(self.id_key in h and self.slice_key in h for h in halves):
-            out.ids = [str(i) for h in halves for i in (h[self.id_key] if isinstance(h[self.id_key], (list, tuple)) else [h[self.id_key]])]
+            out.ids = [i for h in halves for i in _ids(h[self.id_key])]
             # host tensors from the loader, joined without reading them element by element
             out.slice_index = torch.cat([torch.as_tensor(h[self.slice_key]).reshape(-1).long() for h in halves])
         if all(self.coords_key in h for h in halves):

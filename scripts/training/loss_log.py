@@ -129,7 +129,7 @@ class LossLog:
             for k, v in (out.get("terms") or {}).items():
                 values[k] = torch.as_tensor(v).detach().float().reshape(-1).mean()
         if values:
-            if list(values) != self._names[: len(values)] or len(values) != len(self._names):
+            if list(values) != self._names:
                 self._merge_names(list(values), next(iter(values.values())).device)
             stacked = torch.stack([values[k].to(self._sum.device) if k in values else self._sum.new_zeros(()) for k in self._names])
             finite = torch.isfinite(stacked)
@@ -167,16 +167,16 @@ class LossLog:
         n = len(self._names)
         if self._bad is not None and host[2 * n] > 0:
             self._raise(engine, int(host[2 * n]), int(host[2 * n + 1]))
-        means = {k: (host[i] / host[n + i] if host[n + i] else math.nan) for i, k in enumerate(self._names)}
+        means = {}
+        for i, k in enumerate(self._names):
+            total, count = host[i], host[n + i]
+            means[k] = total / count if count else math.nan
+            epoch = self._epoch.setdefault(k, [0.0, 0.0])
+            epoch[0] += total
+            epoch[1] += count
         self.loss = means.pop("loss", None)
         self.terms = means
         self.iteration = engine.state.iteration
-        for k, v in ([("loss", self.loss)] if self.loss is not None else []) + list(means.items()):
-            if v is not None and math.isfinite(v):
-                count = host[n + self._names.index(k)]
-                total = self._epoch.setdefault(k, [0.0, 0.0])
-                total[0] += v * count
-                total[1] += count
         if self._sum is not None:
             self._sum.zero_()
             self._count.zero_()
@@ -190,13 +190,13 @@ class LossLog:
 
     def epoch_means(self) -> dict[str, float]:
         """Mean of the loss and of each term over the current epoch's iterations (host floats)."""
-        return {k: s / c for k, (s, c) in self._epoch.items() if c}
+        return {k: s / c for k, (s, c) in self._epoch.items() if c}  # sums of finite values over their counts
 
     # ------------------------------------------------------------------ what the other handlers read
     def scalars(self, _output=None) -> dict[str, float]:
         """``{"train_loss": ..., term: ...}`` of the last copy (for MLflow / TensorBoard ``output_transform``)."""
         out = {} if self.loss is None else {"train_loss": self.loss}
-        out.update({k: v for k, v in self.terms.items() if math.isfinite(v)})
+        out.update(self.term_values())
         return out
 
     def train_loss(self, _output=None) -> float:

@@ -71,6 +71,7 @@ class RunProgress:
         self.progress = bool(progress)
         self.loss_log = loss_log   # a LossLog: the bar shows its host copy (no device read per iteration)
         self._bar: tqdm | None = None
+        self._open = False   # STARTED seen, bar not yet opened
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -86,7 +87,7 @@ class RunProgress:
         self._open = True
 
     def iteration_completed(self, engine: Engine) -> None:
-        if self._bar is None and getattr(self, "_open", False):
+        if self._bar is None and self._open:
             self._open = False
             self._bar = tqdm(total=self.num_iterations, initial=int(engine.state.iteration) - 1, desc="training", unit="it",
                              dynamic_ncols=True, disable=not self.progress, smoothing=0.05)
