@@ -1,6 +1,7 @@
 """Cost of SCL + REPS on top of a cross-teaching iteration (CPU, patch 224), and the bank's memory.
 
-    python benchmarks/contrastive_speed.py [--patch 224] [--batch 4] [--repeats 3] [--partners 12] [--out benchmarks/results/contrastive.json]
+    python benchmarks/contrastive_speed.py [--patch 224] [--batch 4] [--repeats 3] [--partners 12] \
+        [--out benchmarks/results/contrastive.json]
 
 Measures (median of ``repeats``, after one warm-up):
 * ``plain``: forward of U-Net + SwinUNETR2D on ``batch`` slices, Dice + CE losses, backward (the cct-r core);
@@ -29,12 +30,12 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import BasicUNet
 
-from scripts.data.atomic_io import write_json
 from scripts.contrastive.contrastive_term import ContrastiveTerm
 from scripts.contrastive.memory_bank import bank_capacity
-from scripts.training.networks import SwinUNETR2D
 from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
 from scripts.contrastive.slice_coordinates import ContrastiveBatch
+from scripts.data.atomic_io import write_json
+from scripts.training.networks import SwinUNETR2D
 
 
 def _timed(fn, repeats: int) -> float:
@@ -66,7 +67,7 @@ def _naive_scl_reps(term: ContrastiveTerm, which, emb, lab, conf, geometry, stri
             uv = frames[s, :, :2] @ rc + frames[s, :, 2]
             feats = []
             if volume[s] >= 0:
-                z, uvj, ok = corr.map_slice_points(volume[s:s + 1], slices[s:s + 1], uv[None])
+                z, uvj, ok = corr.map_slice_points(volume[s : s + 1], slices[s : s + 1], uv[None])
                 f, found = bank.lookup(torch.arange(len(corr))[None], z, uvj, ok)
                 feats = list(f[0][found[0]])
             if feats:
@@ -77,8 +78,15 @@ def _naive_scl_reps(term: ContrastiveTerm, which, emb, lab, conf, geometry, stri
     return torch.stack(losses).mean()
 
 
-def main(patch: int = 224, batch: int = 4, repeats: int = 3, volumes: int = 40, partners: int = 12, acdc_slices: int = 1312,
-         out: str = "benchmarks/results/contrastive.json"):
+def main(
+    patch: int = 224,
+    batch: int = 4,
+    repeats: int = 3,
+    volumes: int = 40,
+    partners: int = 12,
+    acdc_slices: int = 1312,
+    out: str = "benchmarks/results/contrastive.json",
+):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net_a = BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(16, 32, 64, 128, 256, 16))
@@ -99,26 +107,46 @@ def main(patch: int = 224, batch: int = 4, repeats: int = 3, volumes: int = 40, 
     x = torch.rand(batch, 1, patch, patch)
     y = torch.randint(0, 4, (batch, 1, patch, patch)).float()
     n = batch // 2
-    u, v = torch.meshgrid(torch.arange(patch, dtype=torch.float32), torch.arange(patch, dtype=torch.float32), indexing="ij")
+    u, v = torch.meshgrid(
+        torch.arange(patch, dtype=torch.float32), torch.arange(patch, dtype=torch.float32), indexing="ij"
+    )
     coords = torch.stack([u, v, torch.ones_like(u)])[None].repeat(batch, 1, 1, 1)
-    batch_data = ContrastiveBatch(labeled_image=x[:n], label=y[:n], unlabeled_image=x[n:], ids=[ids[i] for i in range(batch)],
-                                  slice_index=torch.arange(batch) % 10, slice_coords=coords)
+    batch_data = ContrastiveBatch(
+        labeled_image=x[:n],
+        label=y[:n],
+        unlabeled_image=x[n:],
+        ids=[ids[i] for i in range(batch)],
+        slice_index=torch.arange(batch) % 10,
+        slice_coords=coords,
+    )
 
     def plain(with_cl: bool = False):
         net_a.zero_grad()
         net_b.zero_grad()
         out_a, out_b = net_a(x), net_b(x)
-        total = loss(out_a[:n], y[:n]) + loss(out_b[:n], y[:n]) + loss(out_a[n:], out_b[n:].argmax(1, keepdim=True).float()) \
+        total = (
+            loss(out_a[:n], y[:n])
+            + loss(out_b[:n], y[:n])
+            + loss(out_a[n:], out_b[n:].argmax(1, keepdim=True).float())
             + loss(out_b[n:], out_a[n:].argmax(1, keepdim=True).float())
+        )
         if with_cl:
-            total = total + 1e-3 * (term("a", out_a, torch.softmax(out_b[n:].detach(), 1), batch_data)
-                                    + term("b", out_b, torch.softmax(out_a[n:].detach(), 1), batch_data))
+            total = total + 1e-3 * (
+                term("a", out_a, torch.softmax(out_b[n:].detach(), 1), batch_data)
+                + term("b", out_b, torch.softmax(out_a[n:].detach(), 1), batch_data)
+            )
         total.backward()
 
     # fill the banks: every slice of the first volumes (the anchors' partners)
     for k in range(min(volumes, term.capacity // 10 + 1)):
-        bd = ContrastiveBatch(labeled_image=x[:n], label=y[:n], unlabeled_image=x[n:], ids=[ids[k]] * batch,
-                              slice_index=(torch.arange(batch) + (k % 3) * batch) % 10, slice_coords=coords)
+        bd = ContrastiveBatch(
+            labeled_image=x[:n],
+            label=y[:n],
+            unlabeled_image=x[n:],
+            ids=[ids[k]] * batch,
+            slice_index=(torch.arange(batch) + (k % 3) * batch) % 10,
+            slice_coords=coords,
+        )
         with torch.no_grad():
             out_a, out_b = net_a(x), net_b(x)
             term("a", out_a, torch.softmax(out_b[n:], 1), bd)
@@ -130,6 +158,7 @@ def main(patch: int = 224, batch: int = 4, repeats: int = 3, volumes: int = 40, 
         out_a = net_a(x)
     emb = term.projectors["a"](term.taps["a"].features())["coarse"].detach()
     from scripts.contrastive.contrastive_term import block_labels
+
     labels = torch.cat([y[:n, 0].long(), out_a[n:].argmax(1)])
     conf = torch.softmax(out_a, 1).max(1).values
     lab, cf = block_labels(labels, conf, 8, 4)
@@ -146,12 +175,22 @@ def main(patch: int = 224, batch: int = 4, repeats: int = 3, volumes: int = 40, 
     acdc_capacity = bank_capacity(acdc_slices, 0)
     per_slice = (128 * (patch // 8) ** 2) * 4 + 6 * 8
     result = {
-        "patch": patch, "batch": batch, "threads": 1, "repeats": repeats, "partners": p,
-        "plain_iteration_s": t_plain, "scl_reps_iteration_s": t_cl, "overhead": t_cl / t_plain - 1.0,
-        "scl_reps_loss_vectorised_s": t_vec, "scl_reps_loss_naive_s": t_naive, "naive_over_vectorised": t_naive / t_vec,
+        "patch": patch,
+        "batch": batch,
+        "threads": 1,
+        "repeats": repeats,
+        "partners": p,
+        "plain_iteration_s": t_plain,
+        "scl_reps_iteration_s": t_cl,
+        "overhead": t_cl / t_plain - 1.0,
+        "scl_reps_loss_vectorised_s": t_vec,
+        "scl_reps_loss_naive_s": t_naive,
+        "naive_over_vectorised": t_naive / t_vec,
         "anchors_coarse": int(term.loss.sample(lab, cf).all_anchors().numel()),
-        "bank_bytes_per_slice": bank.bytes_per_slice, "bank_bytes_per_slice_acdc_224": per_slice,
-        "acdc_training_slices": acdc_slices, "acdc_bank_capacity": acdc_capacity,
+        "bank_bytes_per_slice": bank.bytes_per_slice,
+        "bank_bytes_per_slice_acdc_224": per_slice,
+        "acdc_training_slices": acdc_slices,
+        "acdc_bank_capacity": acdc_capacity,
         "acdc_bank_total_bytes_per_network": acdc_capacity * per_slice,
     }
     print(json.dumps(result, indent=1))

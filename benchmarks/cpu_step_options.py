@@ -38,10 +38,16 @@ def sdpa_forward(self, x, mask):
     b, n, c = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    rpb = self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+    rpb = (
+        self.relative_position_bias_table[self.relative_position_index[:n, :n].reshape(-1)]
+        .reshape(n, n, -1)
+        .permute(2, 0, 1)
+    )
     if mask is not None:
         nw = mask.shape[0]
-        bias = (rpb.view(1, 1, self.num_heads, n, n) + mask.reshape(1, nw, 1, n, n)).expand(b // nw, nw, self.num_heads, n, n)
+        bias = (rpb.view(1, 1, self.num_heads, n, n) + mask.reshape(1, nw, 1, n, n)).expand(
+            b // nw, nw, self.num_heads, n, n
+        )
         bias = bias.reshape(b, self.num_heads, n, n)
     else:
         bias = rpb.unsqueeze(0)
@@ -79,8 +85,12 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--options", nargs="+", default=["swin/sdpa", "swin/channels_last", "unet/channels_last"],
-                    help="network/option pairs (options: sdpa, channels_last, bf16)")
+    ap.add_argument(
+        "--options",
+        nargs="+",
+        default=["swin/sdpa", "swin/channels_last", "unet/channels_last"],
+        help="network/option pairs (options: sdpa, channels_last, bf16)",
+    )
     ap.add_argument("--report", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -106,7 +116,8 @@ def main() -> None:
                 ts.append(time.perf_counter() - start)
         rows.append((kind, option, min(t_ref), min(t_alt), float((la - lb).abs()), float((ga - gb).norm() / ga.norm())))
     lines = [
-        f"# CPU training-step options ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch {torch.__version__}, 1 thread)",
+        f"# CPU training-step options ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
+        f"torch {torch.__version__}, 1 thread)",
         "",
         f"Command: `python benchmarks/cpu_step_options.py --patch {args.patch} --batch {args.batch} --repeats {args.repeats} "
         f"--options {' '.join(args.options)}` "

@@ -64,7 +64,11 @@ def profile_step(kind: str, patch: int, batch: int) -> dict:
     flops = sum(e.flops for e in events if is_dense(e.key))
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
     return {
-        "network": kind, "patch": patch, "wall": wall, "total": total, "dense": dense,
+        "network": kind,
+        "patch": patch,
+        "wall": wall,
+        "total": total,
+        "dense": dense,
         "forward_gflop": flops / 1e9,
         "top": [(e.key, e.self_cpu_time_total / 1e6 / total) for e in top],
     }
@@ -85,19 +89,27 @@ def main() -> None:
         f"Command: `python benchmarks/cpu_step_profile.py --patches {' '.join(map(str, args.patches))} --batch {args.batch}` "
         f"(load average at the end {os.getloadavg()[0]:.1f}; one profiled step after 3 unprofiled).",
         "",
-        "| network | patch | step s (unprofiled) | operator s (profiled) | dense kernels | rest | Amdahl bound | dense GFLOP/s (fwd x3) | largest operators (share of operator time) |",
+        "| network | patch | step s (unprofiled) | operator s (profiled) | dense kernels | rest | Amdahl bound "
+        "| dense GFLOP/s (fwd x3) | largest operators (share of operator time) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         share = r["dense"] / r["total"]
         rate = 3 * r["forward_gflop"] / r["dense"] if r["dense"] else float("nan")
         top = ", ".join(f"{k.split('::')[-1]} {s:.0%}" for k, s in r["top"])
-        lines.append(f"| {r['network']} | {r['patch']} | {r['wall']:.2f} | {r['total']:.2f} | {share:.0%} | {1 - share:.0%} | "
-                     f"{1 / share:.2f}x | {rate:.0f} | {top} |")
+        lines.append(
+            f"| {r['network']} | {r['patch']} | {r['wall']:.2f} | {r['total']:.2f} | {share:.0%} | {1 - share:.0%} | "
+            f"{1 / share:.2f}x | {rate:.0f} | {top} |"
+        )
     unet = {r["patch"]: r for r in rows if r["network"] == "unet"}
     swin = {r["patch"]: r for r in rows if r["network"] == "swin"}
-    lines += ["", "Both networks together (the CCT-R step is about 1.05x the two passes, `cross_teaching.md`):", "",
-              "| patch | dense share | Amdahl bound |", "|---:|---:|---:|"]
+    lines += [
+        "",
+        "Both networks together (the CCT-R step is about 1.05x the two passes, `cross_teaching.md`):",
+        "",
+        "| patch | dense share | Amdahl bound |",
+        "|---:|---:|---:|",
+    ]
     for p in args.patches:
         total = unet[p]["total"] + swin[p]["total"]
         dense = unet[p]["dense"] + swin[p]["dense"]

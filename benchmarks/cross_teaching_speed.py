@@ -58,8 +58,11 @@ def make_datalist(root: Path, n_labeled: int = 4, n_unlabeled: int = 4) -> str:
     """A phantom whose unlabeled entries carry their true label as registered label (absolute paths)."""
     from scripts.data.phantom import ensure_phantom_dataset
 
-    plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=n_labeled, n_unlabeled=n_unlabeled, n_validation=1, n_test=0,
-                                        seed=0))
+    plain = Path(
+        ensure_phantom_dataset(
+            root / "phantom", n_labeled=n_labeled, n_unlabeled=n_unlabeled, n_validation=1, n_test=0, seed=0
+        )
+    )
     data = json.loads(plain.read_text())
     for section in ("training", "unlabeled", "validation"):
         for e in data[section]:
@@ -104,11 +107,13 @@ def _parser(files: list[str], datalist: str, patch: int, batch: int, iterations:
     return parser
 
 
-def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
+def _run_trainer(
+    case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int
+) -> dict:
     from ignite.engine import Events
 
     # "cct-r": cross teaching + RSL (no contrastive term), as measured for bundle 0.2; otherwise the LS U-Net
-    files = ["train.yaml", "variants/no_contrastive.yaml" if case == "cct-r" else "variants/ls.yaml"]
+    files = ["train.yaml", "variant_no_contrastive.yaml" if case == "cct-r" else "variant_ls.yaml"]
     parser = _parser(files, datalist, patch, batch, warmup + iterations, feature_size)
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
@@ -141,10 +146,14 @@ def _run_trainer(case: str, datalist: str, patch: int, batch: int, warmup: int, 
     return {"data_s": t["data"], "compute_s": t["compute"], **mem}
 
 
-def _run_pass(case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int) -> dict:
+def _run_pass(
+    case: str, datalist: str, patch: int, batch: int, warmup: int, iterations: int, feature_size: int
+) -> dict:
     import torch
 
-    parser = _parser(["train.yaml", "variants/no_contrastive.yaml"], datalist, patch, batch, warmup + iterations, feature_size)
+    parser = _parser(
+        ["train.yaml", "variant_no_contrastive.yaml"], datalist, patch, batch, warmup + iterations, feature_size
+    )
     parser.get_parsed_content("initialize")
     from scripts.training.model_config import build
 
@@ -175,7 +184,9 @@ def run_case(args) -> dict:
 
     torch.set_num_threads(args.threads)
     runner = _run_trainer if args.case in ("ls", "cct-r") else _run_pass
-    result = runner(args.case, args.datalist, args.patch, args.batch_size, args.warmup, args.iterations, args.feature_size)
+    result = runner(
+        args.case, args.datalist, args.patch, args.batch_size, args.warmup, args.iterations, args.feature_size
+    )
     result.update(case=args.case, patch=args.patch, batch_size=args.batch_size, threads=args.threads)
     return result
 
@@ -211,14 +222,21 @@ def report(rows: list[dict], meta: dict) -> str:
             f"| {r['patch']} | {r['case']} | {r['compute_s']:.3f} | {r['data_s']:.3f} | {r['it_per_s']:.3f} | "
             f"{r['peak_rss_mb']:.0f} | {r['iteration_mem_mb']:.0f} |"
         )
-    lines += ["", "| patch | cct-r / ls (it time) | cct-r compute / (unet_pass + swin_pass) | ls compute / unet_pass |", "|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| patch | cct-r / ls (it time) | cct-r compute / (unet_pass + swin_pass) | ls compute / unet_pass |",
+        "|---:|---:|---:|---:|",
+    ]
     for patch in sorted({r["patch"] for r in rows}, reverse=True):
         by = {r["case"]: r for r in rows if r["patch"] == patch}
         if not set(CASES) <= set(by):
             continue
         it = lambda c: by[c]["compute_s"] + by[c]["data_s"]  # noqa: E731
         overhead = by["cct-r"]["compute_s"] / (by["unet_pass"]["compute_s"] + by["swin_pass"]["compute_s"])
-        lines.append(f"| {patch} | {it('cct-r') / it('ls'):.2f} | {overhead:.3f} | {by['ls']['compute_s'] / by['unet_pass']['compute_s']:.3f} |")
+        lines.append(
+            f"| {patch} | {it('cct-r') / it('ls'):.2f} | {overhead:.3f} | "
+            f"{by['ls']['compute_s'] / by['unet_pass']['compute_s']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -256,9 +274,26 @@ def main() -> None:
         results = []
         for patch in [int(p) for p in args.patches.split(",")]:
             for case in args.cases.split(","):
-                cmd = [sys.executable, __file__, "--case", case, "--patch", str(patch), "--datalist", datalist,
-                       "--batch-size", str(args.batch_size), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-                       "--threads", str(args.threads), "--feature-size", str(args.feature_size)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    case,
+                    "--patch",
+                    str(patch),
+                    "--datalist",
+                    datalist,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--iterations",
+                    str(args.iterations),
+                    "--warmup",
+                    str(args.warmup),
+                    "--threads",
+                    str(args.threads),
+                    "--feature-size",
+                    str(args.feature_size),
+                ]
                 env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -266,8 +301,11 @@ def main() -> None:
                     raise RuntimeError(f"case {case} patch {patch} failed:\n{proc.stderr[-4000:]}")
                 results.append(json.loads(line[-1][7:]))
                 s = summarize(results[-1])
-                print(f"patch {patch} {case:10s} compute {s['compute_s']:.3f} s  data {s['data_s']:.3f} s  "
-                      f"peak {s['peak_rss_mb']:.0f} MB  iteration +{s['iteration_mem_mb']:.0f} MB", flush=True)
+                print(
+                    f"patch {patch} {case:10s} compute {s['compute_s']:.3f} s  data {s['data_s']:.3f} s  "
+                    f"peak {s['peak_rss_mb']:.0f} MB  iteration +{s['iteration_mem_mb']:.0f} MB",
+                    flush=True,
+                )
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -4,7 +4,7 @@ Generates the synthetic abdominal CT phantom at CT size (512 x 512 x 100, 0.7-0.
 3-5 mm slices; ``scripts.data.ct_phantom --size ct``) with ``--n_labeled`` / ``--n_unlabeled`` /
 ``--n_validation`` volumes, then runs the README's Synapse command
 
-    python -m monai.bundle run training --config_file "['configs/train.yaml','configs/datasets/synapse.yaml']"
+    python -m monai.bundle run training --config_file "['configs/train.yaml','configs/dataset_synapse.yaml']"
 
 (patch 224, batch 24, affine + deformable registration, SCL + REPS) for ``--iterations`` iterations
 with one validation round at the end, in its own process group. Every 0.5 s it sums the resident
@@ -57,11 +57,14 @@ def group_memory_kb(pgid: int) -> tuple[int, int]:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid:   # field 5 of stat: pgrp
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != pgid:  # field 5 of stat: pgrp
                 continue
-            rss = next(int(line.split()[1]) for line in Path(f"/proc/{entry}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
+            rss = next(
+                int(line.split()[1])
+                for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
         except (OSError, ValueError, StopIteration):
             continue
         pss = _pss_kb(entry)
@@ -75,7 +78,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pgid, self.interval = pgid, interval
         self.peak_sum = self.peak_max = 0
-        self.series: list[tuple[float, int, int]] = []   # (wall clock, summed PSS kB, largest RSS kB)
+        self.series: list[tuple[float, int, int]] = []  # (wall clock, summed PSS kB, largest RSS kB)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -142,16 +145,39 @@ def main() -> None:
     from scripts.data.ct_phantom import ensure_ct_phantom_dataset
 
     t0 = time.time()
-    datalist = ensure_ct_phantom_dataset(work / "data", n_labeled=args.n_labeled, n_unlabeled=args.n_unlabeled,
-                                         n_validation=args.n_validation, size="ct")
+    datalist = ensure_ct_phantom_dataset(
+        work / "data", n_labeled=args.n_labeled, n_unlabeled=args.n_unlabeled, n_validation=args.n_validation, size="ct"
+    )
     render_s = time.time() - t0
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train.yaml','configs/datasets/synapse.yaml']", "--datalist_file", datalist,
-           "--num_iterations", str(args.iterations), "--val_interval", str(args.iterations),
-           "--num_threads", str(args.threads), "--registration_threads", str(args.threads),
-           "--registration_workers", str(args.workers), "--num_workers", str(args.workers),
-           "--ckpt_dir", str(work / "models"), "--output_root", str(work / "eval"),
-           "--registration_root", str(work / "registration")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.yaml','configs/dataset_synapse.yaml']",
+        "--datalist_file",
+        datalist,
+        "--num_iterations",
+        str(args.iterations),
+        "--val_interval",
+        str(args.iterations),
+        "--num_threads",
+        str(args.threads),
+        "--registration_threads",
+        str(args.threads),
+        "--registration_workers",
+        str(args.workers),
+        "--num_workers",
+        str(args.workers),
+        "--ckpt_dir",
+        str(work / "models"),
+        "--output_root",
+        str(work / "eval"),
+        "--registration_root",
+        str(work / "registration"),
+    ]
     log_path = work / "train.log"
     start = time.time()
     with open(log_path, "w") as log:
@@ -182,25 +208,41 @@ def main() -> None:
         "peak memory of all processes (summed PSS, MB)": f"{sampler.peak_sum / 1024:.0f}",
         "peak resident memory of the largest process (MB)": f"{sampler.peak_max / 1024:.0f}",
     }
-    per_volume_mb = 512 * 512 * 100 * 4 * 2 / 2 ** 20   # float32 image + label in the cache
+    per_volume_mb = 512 * 512 * 100 * 4 * 2 / 2**20  # float32 image + label in the cache
     extra = 18 - n_train
-    estimate = sampler.peak_sum / 1024 + extra * per_volume_mb * 1.5   # unlabeled volumes also cache a registered label
+    estimate = sampler.peak_sum / 1024 + extra * per_volume_mb * 1.5  # unlabeled volumes also cache a registered label
     phases = phase_peaks(text, sampler.series)
     with open(work / "memory.csv", "w") as fh:
         fh.write("time,sum_pss_mb,largest_rss_mb\n")
         fh.writelines(f"{t:.1f},{a / 1024:.0f},{b / 1024:.0f}\n" for t, a, b in sampler.series)
-    lines = [f"# CCT-R training on CT-sized phantom volumes ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
-             f"{os.cpu_count()} cores, {args.threads} thread(s), load average at the end {os.getloadavg()[0]:.1f})", "",
-             "Command: `python benchmarks/ct_training_memory.py " + " ".join(sys.argv[1:]) + "`", "",
-             "| | |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows.items()] + [
-             "", "| phase (from the training log) | peak summed PSS (MB) | peak RSS, largest process (MB) |",
-             "|---|---:|---:|"] + [f"| {n} | {a:.0f} | {b:.0f} |" for n, a, b in phases] + [
-             "", "PSS (proportional set size) splits pages shared by the training process and its forked data "
-             "loader / registration workers between them, so the sum is the group's use of the machine's memory.",
-             "", f"Synapse has 18 training volumes: {extra} more CT-sized volumes in the training caches add about "
-             f"{per_volume_mb:.0f}-{1.5 * per_volume_mb:.0f} MB each (float32 image and label(s), about 100 slices), "
-             f"so a full Synapse run should peak near {estimate / 1024:.1f} GB of summed PSS (extrapolated, not measured). "
-             "Real Synapse volumes have 85-200 slices: scale the cache part by the slice count."]
+    lines = (
+        [
+            f"# CCT-R training on CT-sized phantom volumes ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
+            f"{os.cpu_count()} cores, {args.threads} thread(s), load average at the end {os.getloadavg()[0]:.1f})",
+            "",
+            "Command: `python benchmarks/ct_training_memory.py " + " ".join(sys.argv[1:]) + "`",
+            "",
+            "| | |",
+            "|---|---:|",
+        ]
+        + [f"| {k} | {v} |" for k, v in rows.items()]
+        + [
+            "",
+            "| phase (from the training log) | peak summed PSS (MB) | peak RSS, largest process (MB) |",
+            "|---|---:|---:|",
+        ]
+        + [f"| {n} | {a:.0f} | {b:.0f} |" for n, a, b in phases]
+        + [
+            "",
+            "PSS (proportional set size) splits pages shared by the training process and its forked data "
+            "loader / registration workers between them, so the sum is the group's use of the machine's memory.",
+            "",
+            f"Synapse has 18 training volumes: {extra} more CT-sized volumes in the training caches add about "
+            f"{per_volume_mb:.0f}-{1.5 * per_volume_mb:.0f} MB each (float32 image and label(s), about 100 slices), "
+            f"so a full Synapse run should peak near {estimate / 1024:.1f} GB of summed PSS (extrapolated, not measured). "
+            "Real Synapse volumes have 85-200 slices: scale the cache part by the slice count.",
+        ]
+    )
     print("\n".join(lines))
     if reg:
         print("registration pairs in the log:", reg[-1])

@@ -27,9 +27,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0",
-        "--swin_feature_size", "12", "--cl_num_anchors", "50", "--cl_num_negatives", "50",
-        "--registration_torch_settings#iterations", "[30,20]", "--registration_torch_settings#num_points", "512"]
+FAST = [
+    "--patch_size",
+    "[32,32]",
+    "--batch_size",
+    "4",
+    "--num_workers",
+    "0",
+    "--cache_num_workers",
+    "0",
+    "--swin_feature_size",
+    "12",
+    "--cl_num_anchors",
+    "50",
+    "--cl_num_negatives",
+    "50",
+    "--registration_torch_settings#iterations",
+    "[30,20]",
+    "--registration_torch_settings#num_points",
+    "512",
+]
 ITERATIONS = 120
 
 
@@ -91,20 +108,58 @@ def trial(stage: str, work: Path, datalist: str, delay: float, signum: int, log:
     run = work / f"{stage}_{int(time.time() * 1000)}"
     run.mkdir(parents=True)
     if stage == "training":
-        base = ["run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(run), "--datalist_file", datalist,
-                "--num_iterations", str(ITERATIONS), "--val_interval", "30", *FAST]
+        base = [
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.yaml",
+            "--bundle_root",
+            str(run),
+            "--datalist_file",
+            datalist,
+            "--num_iterations",
+            str(ITERATIONS),
+            "--val_interval",
+            "30",
+            *FAST,
+        ]
         first = bundle_cmd(*base)
         again = bundle_cmd(*base, "--resume", "true")
     elif stage == "registration":
-        first = again = bundle_cmd("run", "registration", "--config_file", "configs/registration.yaml", "--bundle_root", str(run),
-                                   "--datalist_file", datalist, "--batch_size", "2", "--torch_settings#iterations", "[30,20]")
+        first = again = bundle_cmd(
+            "run",
+            "registration",
+            "--config_file",
+            "configs/registration.yaml",
+            "--bundle_root",
+            str(run),
+            "--datalist_file",
+            datalist,
+            "--batch_size",
+            "2",
+            "--torch_settings#iterations",
+            "[30,20]",
+        )
     else:  # evaluation of the model trained once beforehand
-        first = again = bundle_cmd("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
-                                   "--bundle_root", str(work / "trained"), "--datalist_file", datalist,
-                                   "--datalist_section", "unlabeled_eval", "--output_dir", str(run / "out"))
+        first = again = bundle_cmd(
+            "run",
+            "evaluating",
+            "--config_file",
+            "['configs/inference.yaml','configs/evaluate.yaml']",
+            "--bundle_root",
+            str(work / "trained"),
+            "--datalist_file",
+            datalist,
+            "--datalist_section",
+            "unlabeled_eval",
+            "--output_dir",
+            str(run / "out"),
+        )
     rc = run_killed(first, delay, signum, log)
     killed = rc is not None and rc != 0
-    bad_after_kill, temporary = corrupt_files(run if stage != "evaluation" else run / "out") if run.exists() else ([], 0)
+    bad_after_kill, temporary = (
+        corrupt_files(run if stage != "evaluation" else run / "out") if run.exists() else ([], 0)
+    )
     if stage == "evaluation":
         import shutil
 
@@ -126,9 +181,18 @@ def trial(stage: str, work: Path, datalist: str, delay: float, signum: int, log:
         rows = list(csv.DictReader((run / "out" / "metrics_per_case.csv").open()))
         ok &= len({r["case"] for r in rows}) == 3
         detail = f"{len({r['case'] for r in rows})} cases"
-    return {"stage": stage, "signal": signal.Signals(signum).name, "delay_s": round(delay, 1), "killed": killed,
-            "corrupt_after_kill": bad_after_kill, "temporary_files_after_kill": temporary, "rerun_rc": rc2,
-            "corrupt_final": bad_final, "survived": bool(ok), "detail": detail}
+    return {
+        "stage": stage,
+        "signal": signal.Signals(signum).name,
+        "delay_s": round(delay, 1),
+        "killed": killed,
+        "corrupt_after_kill": bad_after_kill,
+        "temporary_files_after_kill": temporary,
+        "rerun_rc": rc2,
+        "corrupt_final": bad_final,
+        "survived": bool(ok),
+        "detail": detail,
+    }
 
 
 def main() -> None:
@@ -146,8 +210,27 @@ def main() -> None:
     data["unlabeled_eval"] = [{"id": e["id"], "image": e["image"], "label": e["true_label"]} for e in data["unlabeled"]]
     Path(datalist).write_text(json.dumps(data))
     log = work / "log.txt"
-    assert run_to_end(bundle_cmd("run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(work / "trained"),
-                                 "--datalist_file", datalist, "--num_iterations", "4", "--val_interval", "2", *FAST), log) == 0
+    assert (
+        run_to_end(
+            bundle_cmd(
+                "run",
+                "training",
+                "--config_file",
+                "configs/train.yaml",
+                "--bundle_root",
+                str(work / "trained"),
+                "--datalist_file",
+                datalist,
+                "--num_iterations",
+                "4",
+                "--val_interval",
+                "2",
+                *FAST,
+            ),
+            log,
+        )
+        == 0
+    )
     windows = {"training": (6.0, 40.0), "registration": (4.0, 12.0), "evaluation": (4.0, 9.0)}
     results = []
     for stage, (lo, hi) in windows.items():
@@ -160,7 +243,8 @@ def main() -> None:
     lines = [
         "# Fault injection",
         "",
-        f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}` on a tiny phantom (2 labeled, 3 unlabeled,",
+        f"`python benchmarks/fault_injection.py --kills {args.kills} --seed {args.seed}` on a tiny phantom "
+        "(2 labeled, 3 unlabeled,",
         f"1 validation volume; training {ITERATIONS} iterations at patch 32, validation every 30). Each row: the stage was",
         "started, sent the signal after the delay (if still running), its output files were checked (every NIfTI, torch,",
         "JSON, NPZ, CSV and PNG under its final name must load), then the command was rerun (training with `--resume true`)",
@@ -174,9 +258,11 @@ def main() -> None:
         "|---|---|---:|---|---|---:|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['stage']} | {r['signal']} | {r['delay_s']} | {'yes' if r['killed'] else 'no (had finished)'} | "
-                     f"{', '.join(r['corrupt_after_kill']) or 'none'} | {r['temporary_files_after_kill']} | rc {r['rerun_rc']} | "
-                     f"{'survived' if r['survived'] else 'FAILED'}: {r['detail']} |")
+        lines.append(
+            f"| {r['stage']} | {r['signal']} | {r['delay_s']} | {'yes' if r['killed'] else 'no (had finished)'} | "
+            f"{', '.join(r['corrupt_after_kill']) or 'none'} | {r['temporary_files_after_kill']} | rc {r['rerun_rc']} | "
+            f"{'survived' if r['survived'] else 'FAILED'}: {r['detail']} |"
+        )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"{survived}/{len(results)} survived; written to {args.out}")
 

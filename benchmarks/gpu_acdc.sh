@@ -21,7 +21,7 @@
 #   registration/             the finished registration of that datalist (made on the CPU here)
 # Results go to $OUT (the device tool's folder) or benchmarks/results/gpu_acdc/.
 # Environment: DATALIST, REG (its registration folder), VARIANTS (protocol --variants, default
-# "best= cct_r=variants/cct_r.yaml"), SEEDS (default 12345), PARALLEL (runs side by side, default 2),
+# "best= cct_r=variant_cct_r.yaml"), SEEDS (default 12345), PARALLEL (runs side by side, default 2),
 # ITERATIONS (instead of sizing the runs from the measured rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +39,8 @@ REG=${REG:-$(ls -d registration/torch_affine_* | head -1)}
 echo "== data $DATALIST, registration $REG ($(( $(date +%s) - start )) s)"
 
 protocol() {  # $1 time limit (s), $2 iterations, $3 validation interval, $4 out
-  timeout "$1" "$PY" benchmarks/protocol.py --datalist "$DATALIST" --dataset datasets/acdc.yaml \
-    --variants ${VARIANTS:-"best=" "cct_r=variants/cct_r.yaml"} --seeds ${SEEDS:-12345} --preset full --parallel "${PARALLEL:-2}" \
+  timeout "$1" "$PY" benchmarks/protocol.py --datalist "$DATALIST" --dataset dataset_acdc.yaml \
+    --variants ${VARIANTS:-"best=" "cct_r=variant_cct_r.yaml"} --seeds ${SEEDS:-12345} --preset full --parallel "${PARALLEL:-2}" \
     --set num_iterations="$2" val_interval="$3" num_threads=4 num_workers=5 cache_num_workers=4 --out "$4"
 }
 elapsed() { echo $(( $(date +%s) - start )); }

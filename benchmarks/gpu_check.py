@@ -59,7 +59,9 @@ def make_data(root: Path, n_labeled: int, n_unlabeled: int) -> tuple[str, str, l
     entries = data["training"] + data["unlabeled"]
     ids = [e["id"] for e in entries]
     store = TransformStore(root / "registration", settings={"engine": "truth"})
-    store.commit([PairResult(i, j, PairTransform(true_transform(subjects[i], subjects[j]))) for i in ids for j in ids if i != j])
+    store.commit(
+        [PairResult(i, j, PairTransform(true_transform(subjects[i], subjects[j]))) for i in ids for j in ids if i != j]
+    )
     store.consolidate()
     shutil.copy(datalist, root / "registration" / "rsl_datalist.json")
     pairs = [PairSpec(a["id"], a["image"], b["id"], b["image"]) for a in entries for b in entries if a is not b]
@@ -93,7 +95,13 @@ def time_registration(pairs: list, device: str, limit: int | None) -> dict:
         ok += sum(r.ok for r in engine.register_batch(todo[s : s + 32]))
     _sync(engine.device)
     seconds = time.perf_counter() - start
-    return {"device": str(engine.device), "pairs": len(todo), "ok": ok, "seconds": seconds, "pairs_per_s": len(todo) / seconds}
+    return {
+        "device": str(engine.device),
+        "pairs": len(todo),
+        "ok": ok,
+        "seconds": seconds,
+        "pairs_per_s": len(todo) / seconds,
+    }
 
 
 VARIANTS = ("default", "cct_r", "cts", "ls")
@@ -102,11 +110,22 @@ VARIANTS = ("default", "cct_r", "cts", "ls")
 def config_files(variant: str) -> list[str]:
     """``configs/train.yaml`` and, for a variant other than the default, its overlay."""
     files = [str(ROOT / "configs" / "train.yaml")]
-    return files if variant == "default" else files + [str(ROOT / "configs" / "variants" / f"{variant}.yaml")]
+    return files if variant == "default" else files + [str(ROOT / "configs" / f"variant_{variant}.yaml")]
 
 
-def time_training(datalist: str, registration: str, device: str, patch: int, batch: int, warmup: int, iterations: int,
-                  amp: str, overrides: dict | None = None, variant: str = "default", handlers: bool = True) -> dict:
+def time_training(
+    datalist: str,
+    registration: str,
+    device: str,
+    patch: int,
+    batch: int,
+    warmup: int,
+    iterations: int,
+    amp: str,
+    overrides: dict | None = None,
+    variant: str = "default",
+    handlers: bool = True,
+) -> dict:
     """Iterations/s of one training as ``monai.bundle run training`` builds it (``variant``'s overlay on
     ``train.yaml``). ``handlers``: the config's handlers as a user runs them (loss copy every ``log_every``,
     progress bar, TensorBoard, checkpoints, ...); validation falls after the timed iterations. Off: none."""
@@ -116,12 +135,22 @@ def time_training(datalist: str, registration: str, device: str, patch: int, bat
     parser = ConfigParser()
     parser.read_config(config_files(variant))
     total = warmup + iterations
-    parser.update({
-        "bundle_root": tempfile.mkdtemp(prefix="gpu_check_"), "datalist_file": datalist, "registration_dir": registration,
-        "patch_size": [patch, patch], "batch_size": batch, "num_workers": 4, "cache_num_workers": 0,
-        "val_interval": total + 1, "num_iterations": total + 1, "amp": {"auto": "auto", "1": True, "0": False}[str(amp)],
-        "device": f"$torch.device('{device}')", **(overrides or {}),
-    })
+    parser.update(
+        {
+            "bundle_root": tempfile.mkdtemp(prefix="gpu_check_"),
+            "datalist_file": datalist,
+            "registration_dir": registration,
+            "patch_size": [patch, patch],
+            "batch_size": batch,
+            "num_workers": 4,
+            "cache_num_workers": 0,
+            "val_interval": total + 1,
+            "num_iterations": total + 1,
+            "amp": {"auto": "auto", "1": True, "0": False}[str(amp)],
+            "device": f"$torch.device('{device}')",
+            **(overrides or {}),
+        }
+    )
     if not handlers:
         parser["train#handlers"] = []
     parser.get_parsed_content("initialize")
@@ -146,20 +175,53 @@ def time_training(datalist: str, registration: str, device: str, patch: int, bat
     out = trainer.state.output if isinstance(trainer.state.output, dict) else {"loss": trainer.state.output}
     terms = {k: float(v) for k, v in {**out.get("terms", {}), "loss": out.get("loss", float("nan"))}.items()}
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
-    return {"variant": variant, "patch": patch, "batch": batch, "amp": str(amp), "amp_on": bool(parser.get_parsed_content("amp_on")),
-            "handlers": handlers, "graph_capture": "not implemented", "iterations": iterations, "seconds": seconds,
-            "it_per_s": iterations / seconds, "s_per_it": seconds / iterations, "peak_gpu_mb": peak,
-            "finite_losses": all(v == v and abs(v) != float("inf") for v in terms.values())}
+    return {
+        "variant": variant,
+        "patch": patch,
+        "batch": batch,
+        "amp": str(amp),
+        "amp_on": bool(parser.get_parsed_content("amp_on")),
+        "handlers": handlers,
+        "graph_capture": "not implemented",
+        "iterations": iterations,
+        "seconds": seconds,
+        "it_per_s": iterations / seconds,
+        "s_per_it": seconds / iterations,
+        "peak_gpu_mb": peak,
+        "finite_losses": all(v == v and abs(v) != float("inf") for v in terms.values()),
+    }
 
 
 def side_by_side(n: int, args, datalist: str, registration: str, truth: bool) -> list[dict]:
     """``n`` trainings at once, each its own process (as ``n`` users' runs would share one GPU)."""
     outs = [Path(tempfile.mkdtemp(prefix="gpu_check_sbs_")) / "out.json" for _ in range(n)]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--datalist", datalist, "--registration_dir", registration,
-           "--device", args.device, "--variants", args.variants[0], "--patch", str(args.patch[0]), "--batch", str(args.batch),
-           "--warmup", str(args.warmup), "--iterations", str(args.iterations), "--amp", str(args.amp[0])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--datalist",
+        datalist,
+        "--registration_dir",
+        registration,
+        "--device",
+        args.device,
+        "--variants",
+        args.variants[0],
+        "--patch",
+        str(args.patch[0]),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+        "--iterations",
+        str(args.iterations),
+        "--amp",
+        str(args.amp[0]),
+    ]
     cmd += ["--truth_labels"] if truth else []
-    procs = [subprocess.Popen(cmd + ["--out", str(o)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for o in outs]
+    procs = [
+        subprocess.Popen(cmd + ["--out", str(o)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for o in outs
+    ]
     rows = []
     for proc, out in zip(procs, outs):
         proc.wait()
@@ -179,8 +241,13 @@ def main() -> None:
     ap.add_argument("--cpu_pairs", type=int, default=4, help="pairs registered on the CPU for the ratio")
     ap.add_argument("--datalist", default=None, help="time on this datalist's volumes instead of the phantom")
     ap.add_argument("--registration_dir", default=None, help="with --datalist: its finished registration folder")
-    ap.add_argument("--amp", nargs="+", default=["auto"], choices=["auto", "1", "0"],
-                    help="precision of the timed trainings: the default (auto), autocast on (1) or float32 (0)")
+    ap.add_argument(
+        "--amp",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "1", "0"],
+        help="precision of the timed trainings: the default (auto), autocast on (1) or float32 (0)",
+    )
     ap.add_argument("--fp32_too", action="store_true", help="also time the first variant and patch in float32")
     ap.add_argument("--no_handlers", action="store_true", help="time the steps alone (no handlers)")
     ap.add_argument("--side_by_side", type=int, default=0, help="then N runs of the first variant and patch at once")
@@ -198,11 +265,19 @@ def main() -> None:
     elif args.datalist:
         datalist, registration, pairs = real_data(args.datalist, args.registration_dir)
     else:
-        datalist, registration, pairs = make_data(Path(tempfile.mkdtemp(prefix="gpu_check_data_")), n_labeled=4, n_unlabeled=8)
+        datalist, registration, pairs = make_data(
+            Path(tempfile.mkdtemp(prefix="gpu_check_data_")), n_labeled=4, n_unlabeled=8
+        )
     overrides = TRUE_LABEL_OVERRIDES if truth else {}
-    report = {"data": "phantom" if truth else args.datalist, "machine": platform.platform(), "torch": torch.__version__,
-              "device": args.device, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-              "threads": torch.get_num_threads(), "registration": []}
+    report = {
+        "data": "phantom" if truth else args.datalist,
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "registration": [],
+    }
     if not args.child and args.pairs >= 0:
         report["registration"].append(time_registration(pairs, args.device, args.pairs or None))
         if args.device != "cpu" and args.cpu_pairs:
@@ -212,8 +287,19 @@ def main() -> None:
         cases.append((args.variants[0], args.patch[0], "0"))
     report["training"] = []
     for variant, patch, amp in cases:
-        row = time_training(datalist, registration, args.device, patch, args.batch, args.warmup, args.iterations, amp,
-                            overrides, variant, handlers=not args.no_handlers)
+        row = time_training(
+            datalist,
+            registration,
+            args.device,
+            patch,
+            args.batch,
+            args.warmup,
+            args.iterations,
+            amp,
+            overrides,
+            variant,
+            handlers=not args.no_handlers,
+        )
         report["training"].append(row)
         print(json.dumps(row), flush=True)
     if args.side_by_side > 1 and not args.child:
@@ -225,13 +311,17 @@ def main() -> None:
     print(f"\n{report['gpu'] or report['device']} | torch {report['torch']}")
     print("| what | device | amount | seconds | rate | peak GPU MB |\n|---|---|---:|---:|---:|---:|")
     for r in report["registration"]:
-        print(f"| registration (torch engine, batches of 32) | {r['device']} | {r['pairs']} pairs ({r['ok']} ok) | "
-              f"{r['seconds']:.1f} | {r['pairs_per_s']:.2f} pairs/s | |")
+        print(
+            f"| registration (torch engine, batches of 32) | {r['device']} | {r['pairs']} pairs ({r['ok']} ok) | "
+            f"{r['seconds']:.1f} | {r['pairs_per_s']:.2f} pairs/s | |"
+        )
     for r in report["training"]:
         together = f", {r['side_by_side']} side by side (each)" if r.get("side_by_side") else ""
-        print(f"| {r['variant']}, patch {r['patch']}, batch {r['batch']}, amp {r['amp']} ({'on' if r['amp_on'] else 'off'}), "
-              f"handlers {'on' if r['handlers'] else 'off'}{together} | {args.device} | {r['iterations']} it. | "
-              f"{r['seconds']:.1f} | {r['it_per_s']:.2f} it/s ({r['s_per_it']:.3f} s/it) | {r['peak_gpu_mb']:.0f} |")
+        print(
+            f"| {r['variant']}, patch {r['patch']}, batch {r['batch']}, amp {r['amp']} ({'on' if r['amp_on'] else 'off'}), "
+            f"handlers {'on' if r['handlers'] else 'off'}{together} | {args.device} | {r['iterations']} it. | "
+            f"{r['seconds']:.1f} | {r['it_per_s']:.2f} it/s ({r['s_per_it']:.3f} s/it) | {r['peak_gpu_mb']:.0f} |"
+        )
     print(f"\nwritten: {args.out}")
 
 

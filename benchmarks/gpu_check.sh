@@ -63,7 +63,7 @@ iterations=$("$PY" -c "print(max(100, int(($left - 130) * $rate * 0.65) // 50 * 
 echo "== ACDC, 1 labeled patient, patch 224: registration then $iterations iterations (phantom rate $rate it/s; $left s left), tests on CUDA beside it"
 OMP_NUM_THREADS=2 gpu_tests $(( left - 25 )) "$RES/tests.log" 6 > /dev/null &
 tests=$!
-timeout $(( left - 20 )) "$PY" -m monai.bundle run training --config_file "['configs/train.yaml','configs/datasets/acdc.yaml']" \
+timeout $(( left - 20 )) "$PY" -m monai.bundle run training --config_file "['configs/train.yaml','configs/dataset_acdc.yaml']" \
   --datalist_file /tmp/acdc_pack/acdc_1.json --patch_size '[224,224]' --num_iterations "$iterations" \
   --val_interval $(( iterations / 5 )) --progress false > "$RES/acdc_train.log" 2>&1
 echo "training exit status: $? (124 = time limit)"

@@ -64,10 +64,26 @@ def main() -> None:
         if (root / name).exists():
             (staging / name).write_bytes((root / name).read_bytes())
     datalist = staging / f"acdc_{args.labeled}.json"
-    subprocess.run([sys.executable, "-m", "scripts.data.datalist", "acdc", "--root", str(staging), "--out", str(datalist),
-                    "--labeled", str(args.labeled)], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.data.datalist",
+            "acdc",
+            "--root",
+            str(staging),
+            "--out",
+            str(datalist),
+            "--labeled",
+            str(args.labeled),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-C", str(staging.parent), "-cf", args.out, "-I", f"xz -{args.xz_level} -T0", staging.name], check=True)
+    subprocess.run(
+        ["tar", "-C", str(staging.parent), "-cf", args.out, "-I", f"xz -{args.xz_level} -T0", staging.name], check=True
+    )
     size = Path(args.out).stat().st_size / 2**20
     print(f"{args.out}: {size:.1f} MiB; largest image error {worst:.2e}; datalist {datalist}")
 

@@ -29,9 +29,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 TINY = {
-    "patch_size": [128, 128], "batch_size": 8, "num_workers": 0, "cache_num_workers": 0, "monitor_max_volumes": 0,
-    "net_a_spec#features": [4, 4, 4, 4, 8, 4], "swin_feature_size": 12, "progress": False,
-    "registration_workers": 1, "registration_torch_settings#iterations": [5, 3], "registration_torch_settings#num_points": 256,
+    "patch_size": [128, 128],
+    "batch_size": 8,
+    "num_workers": 0,
+    "cache_num_workers": 0,
+    "monitor_max_volumes": 0,
+    "net_a_spec#features": [4, 4, 4, 4, 8, 4],
+    "swin_feature_size": 12,
+    "progress": False,
+    "registration_workers": 1,
+    "registration_torch_settings#iterations": [5, 3],
+    "registration_torch_settings#num_points": 256,
 }
 
 
@@ -59,16 +67,27 @@ def _trainer(root: str, variant: str, data: str, total: int, log_every: int):
     from tests.cross_teaching_fixtures import make_rsl_datalist  # noqa: E402  (the measured checkout's own phantom helper)
 
     lists = make_rsl_datalist(Path(data))
-    configs = ["configs/train.yaml"] + ([] if variant == "default" else [f"configs/variants/{variant}.yaml"])
+    configs = ["configs/train.yaml"] + ([] if variant == "default" else [f"configs/variant_{variant}.yaml"])
     parser = ConfigParser()
     parser.read_config(configs)
-    parser.update({**SIZE[os.environ.get("HOST_TIME_SIZE", "tiny")], "bundle_root": tempfile.mkdtemp(), "datalist_file": lists["plain" if variant in ("default", "cct_r") else "rsl"],
-                   "num_iterations": total, "val_interval": total, "log_every": log_every, "amp": False})
+    parser.update(
+        {
+            **SIZE[os.environ.get("HOST_TIME_SIZE", "tiny")],
+            "bundle_root": tempfile.mkdtemp(),
+            "datalist_file": lists["plain" if variant in ("default", "cct_r") else "rsl"],
+            "num_iterations": total,
+            "val_interval": total,
+            "log_every": log_every,
+            "amp": False,
+        }
+    )
     set_determinism(seed=0)
     return parser.get_parsed_content("train#trainer")
 
 
-def run_iterations(root: str, variant: str, data: str, warmup: int, iterations: int, log_every: int, count: bool) -> dict:
+def run_iterations(
+    root: str, variant: str, data: str, warmup: int, iterations: int, log_every: int, count: bool
+) -> dict:
     """Median time of the iterations after ``warmup`` but the last (``count``: under the op counter, with op and
     sync counts)."""
     from ignite.engine import Events
@@ -97,14 +116,21 @@ def run_iterations(root: str, variant: str, data: str, warmup: int, iterations: 
     trainer.run()
     out = {"variant": variant, "median_s": statistics.median(times)}
     if counters:
-        out.update(ops=statistics.median(c.total for c in counters), syncs=statistics.median(sum(c.syncs.values()) for c in counters))
+        out.update(
+            ops=statistics.median(c.total for c in counters),
+            syncs=statistics.median(sum(c.syncs.values()) for c in counters),
+        )
     return out
 
 
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("--_plain", "--_count"):
         kind, root, variant, data, warmup, iterations, log_every = sys.argv[1:8]
-        print(json.dumps(run_iterations(root, variant, data, int(warmup), int(iterations), int(log_every), kind == "--_count")))
+        print(
+            json.dumps(
+                run_iterations(root, variant, data, int(warmup), int(iterations), int(log_every), kind == "--_count")
+            )
+        )
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=str(HERE), help="the checkout measured (A)")
@@ -113,9 +139,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="A/B pairs per variant")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--log_every", type=int, default=50, help="above warmup + iterations: no host copy among the timed iterations")
-    ap.add_argument("--size", choices=sorted(SIZE), default="tiny",
-                    help="tiny: networks shrunk to almost nothing (host time); real: the configured networks (the CPU step)")
+    ap.add_argument(
+        "--log_every", type=int, default=50, help="above warmup + iterations: no host copy among the timed iterations"
+    )
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZE),
+        default="tiny",
+        help="tiny: networks shrunk to almost nothing (host time); real: the configured networks (the CPU step)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     data = tempfile.mkdtemp()
@@ -126,21 +158,54 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             got = {}
             for name, root in (("a", args.root), ("b", args.vs)):
-                cmd = [sys.executable, __file__, "--_plain", root, variant, data, str(args.warmup), str(args.iterations), str(args.log_every)]
-                got[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])["median_s"]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--_plain",
+                    root,
+                    variant,
+                    data,
+                    str(args.warmup),
+                    str(args.iterations),
+                    str(args.log_every),
+                ]
+                got[name] = json.loads(
+                    subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )["median_s"]
             pairs.append(got)
         counts = {}
         for name, root in (("a", args.root), ("b", args.vs)):
             cmd = [sys.executable, __file__, "--_count", root, variant, data, "2", "3", str(args.log_every)]
-            counts[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
+            counts[name] = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+            )
         ratios = [p["a"] / p["b"] for p in pairs]
-        row = {"variant": variant, "a_median_s": statistics.median(p["a"] for p in pairs), "b_median_s": statistics.median(p["b"] for p in pairs),
-               "ratio_a_over_b_median": statistics.median(ratios), "ratios": ratios,
-               "ops_per_iteration": {k: counts[k]["ops"] for k in counts}, "syncs_per_iteration": {k: counts[k]["syncs"] for k in counts}}
+        row = {
+            "variant": variant,
+            "a_median_s": statistics.median(p["a"] for p in pairs),
+            "b_median_s": statistics.median(p["b"] for p in pairs),
+            "ratio_a_over_b_median": statistics.median(ratios),
+            "ratios": ratios,
+            "ops_per_iteration": {k: counts[k]["ops"] for k in counts},
+            "syncs_per_iteration": {k: counts[k]["syncs"] for k in counts},
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "a": args.root, "b": args.vs, "rows": rows,
-              "settings": {**SIZE[args.size], "size": args.size, "threads": 1, "warmup": args.warmup, "iterations": args.iterations}}
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "a": args.root,
+        "b": args.vs,
+        "rows": rows,
+        "settings": {
+            **SIZE[args.size],
+            "size": args.size,
+            "threads": 1,
+            "warmup": args.warmup,
+            "iterations": args.iterations,
+        },
+    }
     if args.out:
         sys.path.insert(0, str(HERE))
         from scripts.data.atomic_io import write_json

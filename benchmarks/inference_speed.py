@@ -41,8 +41,15 @@ def main() -> None:
     os.chdir(ROOT)
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.yaml"))
-    parser.update({"ckpt_dir": args.ckpt_dir, "input_dir": args.input_dir, "output_dir": tempfile.mkdtemp(prefix="inf_bench_"),
-                   "device": "$torch.device('cpu')", "amp": False})
+    parser.update(
+        {
+            "ckpt_dir": args.ckpt_dir,
+            "input_dir": args.input_dir,
+            "output_dir": tempfile.mkdtemp(prefix="inf_bench_"),
+            "device": "$torch.device('cpu')",
+            "amp": False,
+        }
+    )
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("evaluator")
     network = parser.get_parsed_content("network")
@@ -58,9 +65,11 @@ def main() -> None:
             times[mode].append((time.perf_counter() - start) / n)
     best = {k: min(v) for k, v in times.items()}
     lines = [
-        f"# Inference seconds per volume, one CPU core ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch {torch.__version__})",
+        f"# Inference seconds per volume, one CPU core ({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, "
+        f"torch {torch.__version__})",
         "",
-        f"Command: `python benchmarks/inference_speed.py --ckpt_dir {args.ckpt_dir} --input_dir {args.input_dir} --repeats {args.repeats}`",
+        f"Command: `python benchmarks/inference_speed.py --ckpt_dir {args.ckpt_dir} --input_dir {args.input_dir} "
+        f"--repeats {args.repeats}`",
         f"({n} volumes; load, preprocess, both networks slice by slice, argmax, write NIfTI; best of {args.repeats} passes;"
         f" load average at the end {os.getloadavg()[0]:.1f}).",
         "",

@@ -23,8 +23,8 @@ and every model trained with mirror flips once more with mirror test-time augmen
 
 Example (2 seeds, two runs side by side with one thread each)::
 
-    python benchmarks/protocol.py --datalist /tmp/acdc/acdc_1.json --dataset datasets/acdc.yaml \\
-        --variants "cct-r=" "cts=variants/cts.yaml" --seeds 12345 2 --preset full --parallel 2 --out runs/one_labeled
+    python benchmarks/protocol.py --datalist /tmp/acdc/acdc_1.json --dataset dataset_acdc.yaml \\
+        --variants "cct-r=" "cts=variant_cts.yaml" --seeds 12345 2 --preset full --parallel 2 --out runs/one_labeled
 
 Labeled splits (ACDC): instead of ``--datalist``, ``--acdc_root ROOT --labeled N --label_splits standard 1 2``
 builds one datalist per split in ``OUT/datalists/`` (``standard``: the split file's labeled patients;
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ class Run:
     folder: Path
     overrides: dict[str, str] = field(default_factory=dict)
     datalist: str = ""
-    split: str | None = None   # the labeled split's name (None: the one --datalist)
+    split: str | None = None  # the labeled split's name (None: the one --datalist)
 
     @property
     def name(self) -> str:
@@ -90,14 +89,30 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def config_list(run: Run, dataset: str | None) -> str:
-    files = ["configs/train.yaml"] + ([f"configs/{dataset}"] if dataset else []) + [f"configs/{f}" for f in run.overlays]
+    files = (
+        ["configs/train.yaml"] + ([f"configs/{dataset}"] if dataset else []) + [f"configs/{f}" for f in run.overlays]
+    )
     return "[" + ",".join(f"'{f}'" for f in files) + "]"
 
 
 def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config_list(run, dataset),
-           "--datalist_file", datalist, "--seed", str(run.seed), "--ckpt_dir", str(run.folder / "models"),
-           "--output_dir", str(run.folder / "eval" / "training")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        config_list(run, dataset),
+        "--datalist_file",
+        datalist,
+        "--seed",
+        str(run.seed),
+        "--ckpt_dir",
+        str(run.folder / "models"),
+        "--output_dir",
+        str(run.folder / "eval" / "training"),
+    ]
     if (run.folder / "models" / "train_state.pt").exists():
         cmd += ["--resume", "true"]
     for k, v in run.overrides.items():
@@ -105,14 +120,33 @@ def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
     return cmd
 
 
-def evaluate_command(run: Run, datalist: str, section: str, branch: str | None = None, flip_tta: bool = False) -> list[str]:
+def evaluate_command(
+    run: Run, datalist: str, section: str, branch: str | None = None, flip_tta: bool = False
+) -> list[str]:
     """Evaluate the run's best checkpoint; ``branch`` ``a`` / ``b``: one network of a two-network model alone;
     ``flip_tta``: the model with mirror test-time augmentation (``configs/inference.yaml`` ``flip_tta``)."""
     folder = f"evaluation_{section}" + (f"_{branch}" if branch else "") + ("_tta" if flip_tta else "")
-    return [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-            "['configs/inference.yaml','configs/evaluate.yaml']", "--datalist_file", datalist, "--datalist_section", section,
-            "--ckpt_dir", str(run.folder / "models"), "--output_dir", str(run.folder / "eval" / folder)] + (
-            ["--branch", branch] if branch else []) + (["--flip_tta", "true"] if flip_tta else [])
+    return (
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "evaluating",
+            "--config_file",
+            "['configs/inference.yaml','configs/evaluate.yaml']",
+            "--datalist_file",
+            datalist,
+            "--datalist_section",
+            section,
+            "--ckpt_dir",
+            str(run.folder / "models"),
+            "--output_dir",
+            str(run.folder / "eval" / folder),
+        ]
+        + (["--branch", branch] if branch else [])
+        + (["--flip_tta", "true"] if flip_tta else [])
+    )
 
 
 def mirror_trained(run: Run) -> bool:
@@ -129,8 +163,12 @@ def add_tta(run: Run, section: str) -> dict:
     if "tta_dice" in result or not mirror_trained(run):
         return result
     with open(run.folder / "train.log", "a") as log:
-        if subprocess.run(evaluate_command(run, result["datalist"], section, flip_tta=True), cwd=ROOT, stdout=log,
-                          stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(
+            evaluate_command(run, result["datalist"], section, flip_tta=True),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode:
             raise RuntimeError(f"{run.name}: evaluation with flip TTA failed, see {run.folder / 'train.log'}")
     tta = read_summary(run.folder / "eval" / f"evaluation_{section}_tta" / "metrics_summary.csv")
     result["tta_dice"] = {c: m["dice"] for c, m in tta.items()}
@@ -144,7 +182,9 @@ def read_summary(path: Path) -> dict:
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             name = "mean" if row["class"] == "mean" else row["class_name"]
-            out[name] = {k[: -len("_mean")]: float(v) for k, v in row.items() if k.endswith("_mean") and v not in ("", None)}
+            out[name] = {
+                k[: -len("_mean")]: float(v) for k, v in row.items() if k.endswith("_mean") and v not in ("", None)
+            }
     return out
 
 
@@ -161,23 +201,48 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
     with open(run.folder / "train.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(run, datalist, dataset))}\n")
         log.flush()
-        if subprocess.run(train_command(run, datalist, dataset), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(
+            train_command(run, datalist, dataset), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        ).returncode:
             raise RuntimeError(f"{run.name}: training failed, see {run.folder / 'train.log'}")
         branches = [None] + (["a", "b"] if two_networks(run) else [])
         for branch in branches:
-            if subprocess.run(evaluate_command(run, datalist, section, branch), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise RuntimeError(f"{run.name}: evaluation{' of branch ' + branch if branch else ''} failed, see {run.folder / 'train.log'}")
+            if subprocess.run(
+                evaluate_command(run, datalist, section, branch), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            ).returncode:
+                raise RuntimeError(
+                    f"{run.name}: evaluation{' of branch ' + branch if branch else ''} failed, see {run.folder / 'train.log'}"
+                )
     summary = read_summary(run.folder / "eval" / f"evaluation_{section}" / "metrics_summary.csv")
-    by_branch = {b: read_summary(run.folder / "eval" / f"evaluation_{section}_{b}" / "metrics_summary.csv")["mean"]["dice"]
-                 for b in branches if b}
-    result = {"variant": run.variant, "seed": run.seed, "split": run.split, "datalist": datalist, "overlays": run.overlays, "overrides": run.overrides,
-              "section": section, "metrics": summary, "branch_dice": by_branch, "minutes": (time.time() - start) / 60}
+    by_branch = {
+        b: read_summary(run.folder / "eval" / f"evaluation_{section}_{b}" / "metrics_summary.csv")["mean"]["dice"]
+        for b in branches
+        if b
+    }
+    result = {
+        "variant": run.variant,
+        "seed": run.seed,
+        "split": run.split,
+        "datalist": datalist,
+        "overlays": run.overlays,
+        "overrides": run.overrides,
+        "section": section,
+        "metrics": summary,
+        "branch_dice": by_branch,
+        "minutes": (time.time() - start) / 60,
+    }
     write_json(run.result_path, result)
     return result
 
 
-def table(results: list[dict], runs: list[Run], preset: str, section: str, overrides: dict | None = None,
-          per_variant: dict | None = None) -> tuple[str, dict]:
+def table(
+    results: list[dict],
+    runs: list[Run],
+    preset: str,
+    section: str,
+    overrides: dict | None = None,
+    per_variant: dict | None = None,
+) -> tuple[str, dict]:
     """Markdown and JSON of mean +- std per variant (population std over seeds) and every run."""
     by_variant: dict[str, list[dict]] = {}
     for r in results:
@@ -186,13 +251,27 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str, overr
     order = list(dict.fromkeys(run.variant for run in runs))
     pending = [run.name for run in runs if not run.result_path.exists()]
     lines = [f"# Protocol runs: preset `{preset}` ({PRESETS[preset]}), Dice on `{section}` x 100", ""]
-    if overrides is not None:   # what every run was actually given (the preset with --set / --parallel on top)
-        lines += ["Settings of every run: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()) + "."
-                  + ("" if not per_variant else " Per variant: " + "; ".join(
-                      f"{n}: " + ", ".join(f"`{k}={v}`" for k, v in kv.items()) for n, kv in per_variant.items()) + "."), ""]
-    lines += [f"Validation also selects each run's checkpoint (the best validation model is saved), so these are "
-             "validation numbers, not held-out test numbers. Std: population, over seeds.", "",
-             "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+    if overrides is not None:  # what every run was actually given (the preset with --set / --parallel on top)
+        lines += [
+            "Settings of every run: "
+            + ", ".join(f"`{k}={v}`" for k, v in overrides.items())
+            + "."
+            + (
+                ""
+                if not per_variant
+                else " Per variant: "
+                + "; ".join(f"{n}: " + ", ".join(f"`{k}={v}`" for k, v in kv.items()) for n, kv in per_variant.items())
+                + "."
+            ),
+            "",
+        ]
+    lines += [
+        "Validation also selects each run's checkpoint (the best validation model is saved), so these are "
+        "validation numbers, not held-out test numbers. Std: population, over seeds.",
+        "",
+        "| variant | seeds | " + " | ".join(classes) + " |",
+        "|---|---|" + "---:|" * len(classes),
+    ]
     summary = {}
     for v in order:
         rs = sorted(by_variant.get(v, []), key=lambda r: (str(r.get("split")), r["seed"]))
@@ -205,19 +284,35 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str, overr
             summary[v][c] = {"mean": mean, "std": std, "n": len(vals)}
             cells.append(f"{mean:.1f} +- {std:.1f}")
         lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
-    lines += ["", "Every run:", "", "| run | " + " | ".join(classes) + " | mean HD95 mm (SSL4MIS rule) | minutes |",
-              "|---|" + "---:|" * (len(classes) + 2)]
-    for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, str(r.get("split")), r["seed"])):
+    lines += [
+        "",
+        "Every run:",
+        "",
+        "| run | " + " | ".join(classes) + " | mean HD95 mm (SSL4MIS rule) | minutes |",
+        "|---|" + "---:|" * (len(classes) + 2),
+    ]
+    for r in sorted(
+        results,
+        key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99, str(r.get("split")), r["seed"]),
+    ):
         m = r["metrics"]["mean"]
         hd = f"{m.get('hd95_mm', float('nan')):.1f} ({m.get('hd95_mm_ssl4mis', float('nan')):.1f})"
         name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
-                     + f" | {hd} | {r['minutes']:.0f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * r['metrics'][c]['dice']:.1f}" for c in classes)
+            + f" | {hd} | {r['minutes']:.0f} |"
+        )
     tta_rows = [r for r in results if r.get("tta_dice")]
     if tta_rows:
-        lines += ["", "With mirror test-time augmentation (`--flip_tta true` at evaluation: each slice and its three "
-                  "in-plane mirror images, logits averaged; the same checkpoints):", "",
-                  "| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+        lines += [
+            "",
+            "With mirror test-time augmentation (`--flip_tta true` at evaluation: each slice and its three "
+            "in-plane mirror images, logits averaged; the same checkpoints):",
+            "",
+            "| variant | seeds | " + " | ".join(classes) + " |",
+            "|---|---|" + "---:|" * len(classes),
+        ]
         for v in order:
             rs = sorted((r for r in tta_rows if r["variant"] == v), key=lambda r: (str(r.get("split")), r["seed"]))
             if not rs:
@@ -225,17 +320,28 @@ def table(results: list[dict], runs: list[Run], preset: str, section: str, overr
             cells = []
             for c in classes:
                 vals = [100 * r["tta_dice"][c] for r in rs]
-                summary.setdefault(v, {})[f"tta_{c}"] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+                summary.setdefault(v, {})[f"tta_{c}"] = {
+                    "mean": statistics.fmean(vals),
+                    "std": statistics.pstdev(vals),
+                    "n": len(vals),
+                }
                 cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
             lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     branch_rows = [r for r in results if r.get("branch_dice")]
     if branch_rows:
-        lines += ["", "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B):", "",
-                  "| run | ensemble | a | b |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B):",
+            "",
+            "| run | ensemble | a | b |",
+            "|---|---:|---:|---:|",
+        ]
         for r in branch_rows:
             name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
-            lines.append(f"| {name} | {100 * r['metrics']['mean']['dice']:.1f} | {100 * r['branch_dice']['a']:.1f} | "
-                         f"{100 * r['branch_dice']['b']:.1f} |")
+            lines.append(
+                f"| {name} | {100 * r['metrics']['mean']['dice']:.1f} | {100 * r['branch_dice']['a']:.1f} | "
+                f"{100 * r['branch_dice']['b']:.1f} |"
+            )
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n", {"preset": preset, "section": section, "summary": summary, "runs": results}
@@ -266,20 +372,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--datalist", help="the datalist of every run (or --acdc_root)")
     ap.add_argument("--acdc_root", help="ACDC folder: build one datalist per --label_splits instead of --datalist")
     ap.add_argument("--labeled", type=int, default=1, help="with --acdc_root: labeled patients per split")
-    ap.add_argument("--label_splits", nargs="+", default=["standard"],
-                    help="with --acdc_root: 'standard' and/or integer seeds drawing other labeled patients")
-    ap.add_argument("--dataset", default=None, help="dataset overlay under configs/, e.g. datasets/acdc.yaml")
+    ap.add_argument(
+        "--label_splits",
+        nargs="+",
+        default=["standard"],
+        help="with --acdc_root: 'standard' and/or integer seeds drawing other labeled patients",
+    )
+    ap.add_argument("--dataset", default=None, help="dataset overlay under configs/, e.g. dataset_acdc.yaml")
     ap.add_argument("--variants", nargs="+", required=True, help="name=overlay[,overlay...] (overlays under configs/)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[12345, 2])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="screen")
     ap.add_argument("--section", default="validation")
     ap.add_argument("--parallel", type=int, default=1, help="runs side by side (each with num_threads 1 when > 1)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
-    ap.add_argument("--variant_set", nargs="*", default=[], metavar="NAME:KEY=VALUE",
-                    help="overrides for one variant, e.g. swin_lr:learning_rate_b=0.0005")
+    ap.add_argument(
+        "--variant_set",
+        nargs="*",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="overrides for one variant, e.g. swin_lr:learning_rate_b=0.0005",
+    )
     ap.add_argument("--out", required=True)
-    ap.add_argument("--no_flip_tta", action="store_true",
-                    help="skip the extra evaluation with mirror test-time augmentation (models trained with flips)")
+    ap.add_argument(
+        "--no_flip_tta",
+        action="store_true",
+        help="skip the extra evaluation with mirror test-time augmentation (models trained with flips)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if bool(args.datalist) == bool(args.acdc_root):
@@ -288,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.datalist:
         datalists: dict[str | None, str] = {None: str(Path(args.datalist).resolve())}
     else:
-        datalists = acdc_datalists(args.acdc_root, args.labeled, list(dict.fromkeys(args.label_splits)), out / "datalists")
+        datalists = acdc_datalists(
+            args.acdc_root, args.labeled, list(dict.fromkeys(args.label_splits)), out / "datalists"
+        )
     overrides = dict(PRESETS[args.preset])
     if args.parallel > 1:
         overrides.update(num_threads="1", registration_workers="1", num_workers="1")
@@ -338,8 +458,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"protocol: {exc}", flush=True)
         refresh()
 
-    if not args.no_flip_tta:   # finished runs evaluated before the TTA column existed get it too
-        todo = [r for r in runs if r not in todo and "tta_dice" not in json.loads(r.result_path.read_text()) and mirror_trained(r)] + todo
+    if not args.no_flip_tta:  # finished runs evaluated before the TTA column existed get it too
+        todo = [
+            r
+            for r in runs
+            if r not in todo and "tta_dice" not in json.loads(r.result_path.read_text()) and mirror_trained(r)
+        ] + todo
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         list(pool.map(one, todo))
     if failures:

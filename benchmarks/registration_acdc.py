@@ -55,8 +55,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
 
-    datalist = build_acdc(args.acdc, Path(args.work) / f"acdc{args.labeled}" / "datalist.json", labeled=args.labeled,
-                          include_test=False)
+    datalist = build_acdc(
+        args.acdc, Path(args.work) / f"acdc{args.labeled}" / "datalist.json", labeled=args.labeled, include_test=False
+    )
     labeled = load_datalist(datalist, "training")
     evaluation = load_datalist(datalist, "validation")[: args.n_eval]
     engine = make_engine(args.engine, **json.loads(args.settings))
@@ -102,8 +103,12 @@ def main() -> None:
         "failed_pairs": sum(not r.ok for r in results),
         "failure_reasons": sorted({r.reason.split(":")[0] for r in results if not r.ok}),
         "median_seconds_per_pair": statistics.median(r.seconds for r in results),  # torch: batch time / size
-        "total_seconds": float(sum(batch_times[i] * len(pairs[i * args.batch_size : (i + 1) * args.batch_size])
-                                   for i in range(len(batch_times)))),
+        "total_seconds": float(
+            sum(
+                batch_times[i] * len(pairs[i * args.batch_size : (i + 1) * args.batch_size])
+                for i in range(len(batch_times))
+            )
+        ),
         "dice_all_partners_mean": float(np.mean(all_pairs)),
         "dice_first_partner": float(np.mean([first[i] for i in ids])),
         "dice_brs": float(np.mean([chosen[i] for i in ids])),

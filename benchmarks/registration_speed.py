@@ -97,7 +97,7 @@ def main() -> None:
             results = engine.register_batch(batch)
             times += [(time.perf_counter() - t0) / len(batch)] * len(batch)
             for p, r in zip(batch, results):
-                t = truths[int(p.moving_id[len("moving"):])]
+                t = truths[int(p.moving_id[len("moving") :])]
                 if r.ok:
                     est = r.transform.map_points(probe[centre])
                     errors.append(float(np.linalg.norm(est - (probe[centre] @ t[:3, :3].T + t[:3, 3]), axis=1).mean()))

@@ -36,3 +36,10 @@ def optional(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() in _NONE:
         return None
     return value
+
+
+def same(value: Any) -> Any:
+    """``value`` itself. ``{_target_: scripts.config_values.same, value: '@train#loss_log'}`` puts an object
+    defined elsewhere in the config into a list whose entries tools read as dicts with a ``_target_``
+    (the Model Zoo's property check reads ``train#handlers`` so), without building it twice."""
+    return value

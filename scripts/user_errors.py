@@ -9,21 +9,27 @@ error raised inside a config expression in several layers ("Failed to evaluate C
 interpreter print just ``error: <message>`` for such errors, found anywhere in the exception's chain,
 and exit non-zero; any other error keeps its full traceback. ``CCT_R_TRACEBACK=1`` shows the
 traceback of input errors too.
+
+Engines log an error raised inside them before it reaches the interpreter (ignite's "Engine run is
+terminating due to exception", MONAI's ``StatsHandler`` "Exception: ..." with its traceback);
+:func:`quiet_engine_error_logs` drops those records for the errors reported here, so that a stopped
+or refused run prints its one line only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-__all__ = ["BundleInputError", "RunStopped", "find_input_error", "install_excepthook"]
+__all__ = ["BundleInputError", "RunStopped", "find_input_error", "install_excepthook", "quiet_engine_error_logs"]
 
 
 class BundleInputError(ValueError):
     """A problem with the user's input; its message names the file or setting and the problem."""
 
 
-class RunStopped(Exception):
+class RunStopped(Exception):  # noqa: N818 - a requested stop, not an error (its report says 'stopped:')
     """A run stopped on request (SIGTERM, Ctrl-C) after saving what it needs to resume; the message says how."""
 
 
@@ -54,3 +60,25 @@ def install_excepthook() -> None:
     """Install the short report for input errors (once; keeps the previous hook for other errors)."""
     if not getattr(sys.excepthook, "cct_r", False):
         sys.excepthook = _hook(sys.excepthook)
+
+
+class _ReportedErrorFilter(logging.Filter):
+    """Drops error records about an exception that the excepthook reports in one line."""
+
+    cct_r = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or os.environ.get("CCT_R_TRACEBACK"):
+            return True
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # ignite logs inside its except block
+        return find_input_error(error) is None
+
+
+def quiet_engine_error_logs() -> None:
+    """Add the filter to every logging handler present (the engines' handlers exist once a run starts)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(getattr(f, "cct_r", False) for f in handler.filters):
+            handler.addFilter(_ReportedErrorFilter())

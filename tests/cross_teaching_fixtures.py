@@ -30,7 +30,11 @@ def make_rsl_datalist(root: Path, n_validation: int = 1) -> dict[str, str]:
     registered label is its true label; the second's is the true label shifted by 3 voxels in-plane
     (a registration error), so registered labels score between 0 and 1; their BRS scores rank them so.
     """
-    plain = Path(ensure_phantom_dataset(root / "phantom", n_labeled=2, n_unlabeled=2, n_validation=n_validation, n_test=0, seed=3))
+    plain = Path(
+        ensure_phantom_dataset(
+            root / "phantom", n_labeled=2, n_unlabeled=2, n_validation=n_validation, n_test=0, seed=3
+        )
+    )
     data = json.loads(plain.read_text())
     for i, entry in enumerate(data["unlabeled"]):
         truth = nib.load(plain.parent / entry["true_label"])

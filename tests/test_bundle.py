@@ -22,15 +22,36 @@ import torch
 from scripts.data.phantom import ensure_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--patch_size", "[32,32]", "--batch_size", "4", "--num_workers", "0", "--cache_num_workers", "0",
-        "--swin_feature_size", "12", "--cl_num_anchors", "50", "--cl_num_negatives", "50", "--registration_workers", "1",
-        "--registration_torch_settings#iterations", "[20,10]", "--registration_torch_settings#num_points", "512"]
-LS = "['configs/train.yaml','configs/variants/ls.yaml']"
+FAST = [
+    "--patch_size",
+    "[32,32]",
+    "--batch_size",
+    "4",
+    "--num_workers",
+    "0",
+    "--cache_num_workers",
+    "0",
+    "--swin_feature_size",
+    "12",
+    "--cl_num_anchors",
+    "50",
+    "--cl_num_negatives",
+    "50",
+    "--registration_workers",
+    "1",
+    "--registration_torch_settings#iterations",
+    "[20,10]",
+    "--registration_torch_settings#num_points",
+    "512",
+]
+LS = "['configs/train.yaml','configs/variant_ls.yaml']"
 
 
 def bundle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -46,8 +67,20 @@ def phantom(tmp_path_factory) -> str:
 
 def train(run_dir: Path, datalist: str, *extra: str, config: str = "configs/train.yaml") -> subprocess.CompletedProcess:
     return bundle(
-        "run", "training", "--config_file", config, "--bundle_root", str(run_dir),
-        "--datalist_file", datalist, "--num_iterations", "8", "--val_interval", "4", *FAST, *extra,
+        "run",
+        "training",
+        "--config_file",
+        config,
+        "--bundle_root",
+        str(run_dir),
+        "--datalist_file",
+        datalist,
+        "--num_iterations",
+        "8",
+        "--val_interval",
+        "4",
+        *FAST,
+        *extra,
     )
 
 
@@ -64,7 +97,17 @@ def test_default_training_registers_then_trains_cct_r(trained):
     assert all(isinstance(v, torch.Tensor) for v in model.values()), "model.pt must be a flat state_dict"
     assert any(k.startswith("net_a.") for k in model) and any(k.startswith("net_b.swinViT") for k in model)
     state = torch.load(trained / "models" / "train_state.pt", map_location="cpu", weights_only=False)
-    assert {"network", "optimizer", "optimizer_b", "lr_scheduler", "trainer", "best_model", "rng", "contrastive", "curves"} <= set(state)
+    assert {
+        "network",
+        "optimizer",
+        "optimizer_b",
+        "lr_scheduler",
+        "trainer",
+        "best_model",
+        "rng",
+        "contrastive",
+        "curves",
+    } <= set(state)
     assert state["trainer"]["iteration"] == 8
     assert state["best_model"]["best_metric"] is not None
     (reg,) = (trained / "registration").iterdir()  # one folder, named by the engine settings and the datalist content
@@ -124,8 +167,20 @@ def test_inference_keeps_shape_and_affine_of_any_input(tmp_path, trained):
         "axis0.nii.gz": _oblique_volume(inputs / "axis0.nii.gz", shape=(5, 30, 26), axis_order=(2, 0, 1)),
     }
     out = tmp_path / "out"
-    proc = ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-                     "--input_dir", str(inputs), "--output_dir", str(out)))
+    proc = ok(
+        bundle(
+            "run",
+            "inference",
+            "--config_file",
+            "configs/inference.yaml",
+            "--bundle_root",
+            str(trained),
+            "--input_dir",
+            str(inputs),
+            "--output_dir",
+            str(out),
+        )
+    )
     assert f"written to {out}" in proc.stdout + proc.stderr  # says where
     for name, affine in affines.items():
         src = nib.load(inputs / name)
@@ -141,8 +196,18 @@ def test_inference_rejects_2d_input_naming_the_file(tmp_path, trained):
     inputs = tmp_path / "in"
     inputs.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(inputs / "flat.nii.gz"))
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-                  "--input_dir", str(inputs), "--output_dir", str(tmp_path / "out"))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(trained),
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode != 0
     assert "flat.nii.gz" in proc.stderr
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
@@ -150,9 +215,24 @@ def test_inference_rejects_2d_input_naming_the_file(tmp_path, trained):
 
 def test_evaluate_writes_per_case_and_summary(tmp_path, phantom, trained):
     report = tmp_path / "report"
-    ok(bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
-              "--bundle_root", str(trained), "--datalist_file", phantom, "--datalist_section", "test",
-              "--report_dir", str(report), "--output_dir", str(tmp_path / "pred")))
+    ok(
+        bundle(
+            "run",
+            "evaluating",
+            "--config_file",
+            "['configs/inference.yaml','configs/evaluate.yaml']",
+            "--bundle_root",
+            str(trained),
+            "--datalist_file",
+            phantom,
+            "--datalist_section",
+            "test",
+            "--report_dir",
+            str(report),
+            "--output_dir",
+            str(tmp_path / "pred"),
+        )
+    )
     with open(report / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["class_name"] for r in rows} == {"RV", "myocardium", "LV"}
@@ -187,10 +267,23 @@ def test_training_stops_on_bad_datalist_before_caching(tmp_path, phantom):
 
 def test_num_iterations_is_trained_exactly(tmp_path, phantom):
     """5 iterations with val_interval 2: rounds of 2, 2 and 1; the LR schedule ends where training ends."""
-    proc = ok(bundle(
-        "run", "training", "--config_file", "configs/train.yaml", "--bundle_root", str(tmp_path),
-        "--datalist_file", phantom, "--num_iterations", "5", "--val_interval", "2", *FAST,
-    ))
+    proc = ok(
+        bundle(
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.yaml",
+            "--bundle_root",
+            str(tmp_path),
+            "--datalist_file",
+            phantom,
+            "--num_iterations",
+            "5",
+            "--val_interval",
+            "2",
+            *FAST,
+        )
+    )
     state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert state["trainer"]["iteration"] == 5
     assert state["lr_scheduler"]["last_epoch"] == 5
@@ -206,8 +299,20 @@ def test_evaluate_plain_folders_writes_its_own_run_folder_and_pictures(phantom, 
     images, labels = _phantom_folders(phantom)
     runs = []
     for _ in range(2):
-        proc = ok(bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
-                         "--bundle_root", str(trained), "--image_dir", str(images), "--label_dir", str(labels)))
+        proc = ok(
+            bundle(
+                "run",
+                "evaluating",
+                "--config_file",
+                "['configs/inference.yaml','configs/evaluate.yaml']",
+                "--bundle_root",
+                str(trained),
+                "--image_dir",
+                str(images),
+                "--label_dir",
+                str(labels),
+            )
+        )
         assert "reports written to" in proc.stdout + proc.stderr
         runs.append(sorted((trained / "eval").glob("evaluation_*")))
     assert len(runs[1]) == len(runs[0]) + 1  # a second evaluation never overwrites the first
@@ -228,9 +333,20 @@ def test_evaluate_refuses_images_without_labels(tmp_path, phantom, trained):
     partial.mkdir()
     first = sorted(labels.glob("*.nii.gz"))[0]
     (partial / first.name).write_bytes(first.read_bytes())
-    proc = bundle("run", "evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']",
-                  "--bundle_root", str(trained), "--image_dir", str(images), "--label_dir", str(partial),
-                  "--output_dir", str(tmp_path / "out"))
+    proc = bundle(
+        "run",
+        "evaluating",
+        "--config_file",
+        "['configs/inference.yaml','configs/evaluate.yaml']",
+        "--bundle_root",
+        str(trained),
+        "--image_dir",
+        str(images),
+        "--label_dir",
+        str(partial),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode != 0 and "no label for this image" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("**/*.nii.gz"))  # refused before any work
 
@@ -244,30 +360,72 @@ def test_inference_refuses_a_model_that_does_not_fit_its_description(tmp_path, p
     config = json.loads((trained / "models" / "model_config.json").read_text())
     config["networks"] = {"a": config["networks"]["a"]}  # says: one U-Net (an LS model)
     (models / "model_config.json").write_text(json.dumps(config))
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(tmp_path),
-                  "--input_dir", str(_phantom_folders(phantom)[0]))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(tmp_path),
+        "--input_dir",
+        str(_phantom_folders(phantom)[0]),
+    )
     assert proc.returncode != 0 and "does not fit the network" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_inference_refuses_another_patch_size(tmp_path, trained):
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-                  "--patch_size", "[64,64]", "--output_dir", str(tmp_path / "out"))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(trained),
+        "--patch_size",
+        "[64,64]",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode != 0 and "trained at" in proc.stderr
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path, trained):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-                  "--output_dir", str(blocker / "predictions"))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(trained),
+        "--output_dir",
+        str(blocker / "predictions"),
+    )
     assert proc.returncode != 0 and "cannot write output there" in proc.stderr and str(blocker) in proc.stderr
     assert "Traceback" not in proc.stderr and "Loading" not in proc.stdout  # nothing was loaded or segmented
 
 
 def test_datalist_tool_user_mistakes_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scripts.data.datalist", "folder", "--images", str(tmp_path / "nope"),
-                           "--labels", str(tmp_path), "--out", str(tmp_path / "x.json")], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.data.datalist",
+            "folder",
+            "--images",
+            str(tmp_path / "nope"),
+            "--labels",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: image folder {tmp_path / 'nope'} is not a folder"
 
@@ -277,14 +435,35 @@ def test_refused_input_leaves_no_output_folder_behind(tmp_path, trained):
     automatic eval/inference_* folder is left behind empty."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    nib.save(nib.Nifti1Image(np.zeros((20, 18, 5), np.float32), np.diag([1.5, 1.5, 8.0, 1.0])), str(inputs / "empty.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((20, 18, 5), np.float32), np.diag([1.5, 1.5, 8.0, 1.0])), str(inputs / "empty.nii.gz")
+    )
     out = tmp_path / "out"
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained),
-                  "--input_dir", str(inputs), "--output_dir", str(out))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(trained),
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode != 0 and "empty.nii.gz: image is constant" in proc.stderr
     assert not out.exists()
     before = sorted((trained / "eval").glob("inference_*"))
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(trained), "--input_dir", str(inputs))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(trained),
+        "--input_dir",
+        str(inputs),
+    )
     assert proc.returncode != 0 and sorted((trained / "eval").glob("inference_*")) == before
 
 
@@ -299,8 +478,35 @@ def test_weights_without_their_description_are_refused(tmp_path, trained):
     inputs = tmp_path / "in"
     inputs.mkdir()
     _oblique_volume(inputs / "case.nii.gz")
-    proc = bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(root), "--input_dir", str(inputs))
-    assert proc.returncode != 0 and "has no model description beside it" in proc.stderr and "--model_config_file" in proc.stderr
-    ok(bundle("run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(root), "--input_dir", str(inputs),
-              "--model_config_file", str(trained / "models" / "model_config.json"), "--output_dir", str(tmp_path / "out")))
+    proc = bundle(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--bundle_root",
+        str(root),
+        "--input_dir",
+        str(inputs),
+    )
+    assert (
+        proc.returncode != 0
+        and "has no model description beside it" in proc.stderr
+        and "--model_config_file" in proc.stderr
+    )
+    ok(
+        bundle(
+            "run",
+            "inference",
+            "--config_file",
+            "configs/inference.yaml",
+            "--bundle_root",
+            str(root),
+            "--input_dir",
+            str(inputs),
+            "--model_config_file",
+            str(trained / "models" / "model_config.json"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        )
+    )
     assert (tmp_path / "out" / "case_seg.nii.gz").exists()

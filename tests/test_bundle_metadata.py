@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,8 +42,18 @@ def test_metadata_versions_match_requirements():
 
 
 def test_verify_net_in_out():
-    proc = ok(bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                     "--config_file", "configs/inference.yaml", "--n", "2"))
+    proc = ok(
+        bundle(
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.yaml",
+            "--n",
+            "2",
+        )
+    )
     assert "verified with no error" in proc.stdout + proc.stderr
 
 
@@ -53,14 +62,25 @@ def test_metadata_output_channels_match_network():
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.yaml"))
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == parser.get_parsed_content("num_classes")
-    assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == parser.get_parsed_content("class_names")
+    assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == parser.get_parsed_content(
+        "class_names"
+    )
 
 
 LS_MODEL = {
     "variant": "ls",
-    "networks": {"a": {"type": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 4,
-                       "features": [16, 32, 64, 128, 256, 16], "dropout": 0.0}},
-    "patch_size": [96, 96], "class_names": ["background", "RV", "myocardium", "LV"],
+    "networks": {
+        "a": {
+            "type": "BasicUNet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 4,
+            "features": [16, 32, 64, 128, 256, 16],
+            "dropout": 0.0,
+        }
+    },
+    "patch_size": [96, 96],
+    "class_names": ["background", "RV", "myocardium", "LV"],
     "intensity": {"type": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
 }
 
@@ -80,8 +100,21 @@ def test_ckpt_export_torchscript(tmp_path, model):
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     out = tmp_path / "model.ts"
-    args = ["ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file", str(ckpt),
-            "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.yaml", "--key_in_ckpt", "", *extra]
+    args = [
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(out),
+        "--ckpt_file",
+        str(ckpt),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+        "--key_in_ckpt",
+        "",
+        *extra,
+    ]
     if model == "default":
         args += ["--use_trace", "True", "--input_shape", "[1,1,96,96]"]
     ok(bundle(*args))

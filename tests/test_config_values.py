@@ -12,9 +12,23 @@ from scripts.config_values import flag, optional
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("no", False), ("0", False), ("off", False),
-                                            ("true", True), ("TRUE", True), ("yes", True), (True, True), (False, False),
-                                            (0, False), (None, False)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("false", False),
+        ("False", False),
+        ("no", False),
+        ("0", False),
+        ("off", False),
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        (True, True),
+        (False, False),
+        (0, False),
+        (None, False),
+    ],
+)
 def test_flag_reads_yaml_spellings(text, expected):
     assert flag(text) is expected
 
@@ -33,18 +47,29 @@ def test_optional_reads_null(text):
 def _parser(files, **overrides):
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in files])
-    parser.update(overrides)   # what `monai.bundle run ... --key value` does with fire's strings
+    parser.update(overrides)  # what `monai.bundle run ... --key value` does with fire's strings
     return parser
 
 
 def test_command_line_false_and_null_switch_things_off():
     """`--amp false`, `--flip_augmentation false`, `--crop_min_scale null`, `--cl_joint_space false`,
     `--deformable false` and `--resume false` as the strings the command line passes."""
-    p = _parser(["train.yaml"], amp="false", flip_augmentation="false", crop_min_scale="null", cl_joint_space="false",
-                deformable="false", resume="false", brs_random_partner="false", registration_dir="null")
+    p = _parser(
+        ["train.yaml"],
+        amp="false",
+        flip_augmentation="false",
+        crop_min_scale="null",
+        cl_joint_space="false",
+        deformable="false",
+        resume="false",
+        brs_random_partner="false",
+        registration_dir="null",
+    )
     names = [type(t).__name__ for t in p.get_parsed_content("train#slice_transforms")]
     assert "RandScaleCropd" not in names
-    assert [type(t).__name__ for t in p.get_parsed_content("train#augmentation").transforms[0].transforms] == ["RandRotate90d"]
+    assert [type(t).__name__ for t in p.get_parsed_content("train#augmentation").transforms[0].transforms] == [
+        "RandRotate90d"
+    ]
     for key in ("train#trainer#amp", "validate#evaluator#amp", "monitor#handler#amp"):
         assert p.get_parsed_content(key) is False, key
     assert p.get_parsed_content("registration_torch_settings#deformable") is False
@@ -85,7 +110,7 @@ def _boolean_switches() -> set[str]:
         data = yaml.safe_load(path.read_text())
         if isinstance(data, dict):
             keys |= {k for k, v in data.items() if isinstance(v, bool)}
-    return keys - {"is_main_process"}   # computed from the process rank, never given on the command line
+    return keys - {"is_main_process"}  # computed from the process rank, never given on the command line
 
 
 def test_every_boolean_switch_is_read_through_flag():
@@ -110,23 +135,31 @@ def test_inference_flip_tta_from_the_command_line(tmp_path):
     assert _parser(["inference.yaml"], flip_tta="true", ckpt_dir=ckpt).get_parsed_content("inferer").flip_tta is True
     assert _parser(["inference.yaml"], flip_tta="false", ckpt_dir=ckpt).get_parsed_content("inferer").flip_tta is False
     ct_model = _parser(["inference.yaml"], flip_tta="true", ckpt_dir=ckpt)
-    ct_model["default_model_config"]["flip_augmentation"] = False   # a model trained without mirror flips
+    ct_model["default_model_config"]["flip_augmentation"] = False  # a model trained without mirror flips
     with pytest.raises(Exception) as info:
         ct_model.get_parsed_content("inferer")
     error = info.value
-    while error.__cause__ is not None:   # the config parser wraps it; the bundle's entry shows the innermost
+    while error.__cause__ is not None:  # the config parser wraps it; the bundle's entry shows the innermost
         error = error.__cause__
     assert "without mirror flips" in str(error)
 
 
-@pytest.mark.parametrize("overlays,expected", [
-    ([], 1.0),  # the default (0.5.0) trains with the weak-to-strong term
-    (["variants/cct_r.yaml"], 0.0),  # the paper's settings
-    (["variants/cts.yaml"], 0.0), (["variants/cps.yaml"], 0.0), (["variants/uamt.yaml"], 0.0),
-    (["variants/uamt_rsl.yaml"], 0.0), (["variants/mcsc.yaml"], 0.0), (["variants/tac.yaml"], 0.0),
-    (["variants/ls.yaml"], 0.0), (["variants/ls.yaml", "variants/fs.yaml"], 0.0),
-    (["variants/cts.yaml", "variants/w2s.yaml"], 1.0),  # w2s.yaml adds it back to a baseline
-])
+@pytest.mark.parametrize(
+    "overlays,expected",
+    [
+        ([], 1.0),  # the default (0.5.0) trains with the weak-to-strong term
+        (["variant_cct_r.yaml"], 0.0),  # the paper's settings
+        (["variant_cts.yaml"], 0.0),
+        (["variant_cps.yaml"], 0.0),
+        (["variant_uamt.yaml"], 0.0),
+        (["variant_uamt_rsl.yaml"], 0.0),
+        (["variant_mcsc.yaml"], 0.0),
+        (["variant_tac.yaml"], 0.0),
+        (["variant_ls.yaml"], 0.0),
+        (["variant_ls.yaml", "variant_fs.yaml"], 0.0),
+        (["variant_cts.yaml", "variant_w2s.yaml"], 1.0),  # w2s.yaml adds it back to a baseline
+    ],
+)
 def test_weak_to_strong_is_on_by_default_and_pinned_off_in_the_paper_settings_and_baselines(overlays, expected):
     parser = _parser(["train.yaml"] + overlays)
     assert float(parser.get_parsed_content("w2s_weight")) == expected

@@ -23,8 +23,11 @@ def _setup(joint: bool, seed: int = 0):
     net_a, net_b = BasicUNet(2, 1, 3, features=FEATURES), BasicUNet(2, 1, 3, features=FEATURES)
     term = ContrastiveTerm(net_a, 3, net_b, threshold=0.0, num_anchors=40, num_negatives=30, joint=joint)
     g = torch.Generator().manual_seed(seed + 1)
-    batch = SemiSupervisedBatch(torch.randn(2, 1, 32, 32, generator=g), torch.randint(0, 3, (2, 1, 32, 32), generator=g),
-                                torch.randn(2, 1, 32, 32, generator=g))
+    batch = SemiSupervisedBatch(
+        torch.randn(2, 1, 32, 32, generator=g),
+        torch.randint(0, 3, (2, 1, 32, 32), generator=g),
+        torch.randn(2, 1, 32, 32, generator=g),
+    )
     return term, net_a, net_b, batch
 
 
@@ -42,7 +45,6 @@ def test_joint_loss_equals_scl_over_the_union_of_both_networks_pixels():
 
     # reference: densely project each network's map with its own head, concatenate, SCL per anchor
     torch.manual_seed(7)
-    n = batch.num_labeled
     expected = {"a": [], "b": []}
     sources = [("a", out_a, peer_a), ("b", out_b, peer_b)]
     for scale in term.scales:
@@ -55,12 +57,15 @@ def test_joint_loss_equals_scl_over_the_union_of_both_networks_pixels():
             confs.append(conf[:, : feats.shape[2], : feats.shape[3]].reshape(-1))
             flats.append(flatten_pixels(term.projectors[which][scale](feats)))
         samples = term.loss.sample(torch.cat(labs), torch.cat(confs))
-        per_anchor = term.loss.anchor_losses(torch.cat(flats), samples)   # (K, N')
+        per_anchor = term.loss.anchor_losses(torch.cat(flats), samples)  # (K, N')
         size = labs[0].numel()
         usable = samples.anchor_valid & samples.class_valid()[:, None]
         for k, which in enumerate("ab"):
-            means = [per_anchor[c][usable[c] & (samples.anchors[c] // size == k)].mean() for c in range(per_anchor.shape[0])
-                     if (usable[c] & (samples.anchors[c] // size == k)).any()]
+            means = [
+                per_anchor[c][usable[c] & (samples.anchors[c] // size == k)].mean()
+                for c in range(per_anchor.shape[0])
+                if (usable[c] & (samples.anchors[c] // size == k)).any()
+            ]
             expected[which].append(torch.stack(means).mean())
         # the union really mixes the networks: some class has anchors from both
         assert any(((a // size) == 0).any() and ((a // size) == 1).any() for a in samples.as_lists()[1])
@@ -80,7 +85,9 @@ def test_joint_space_aligns_the_networks_and_each_loss_trains_its_own_network():
         params_b = list(net_b.parameters()) + list(term.projector_parameters("b"))
         grads = torch.autograd.grad(cl_a, params_b, allow_unused=True, retain_graph=True)
         assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)  # cl_a never trains B
-        assert any(g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(cl_b, params_b, allow_unused=True))
+        assert any(
+            g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(cl_b, params_b, allow_unused=True)
+        )
         with torch.no_grad():  # another B projector: B's embeddings move, its labels/confidence do not
             for p in term.projector_parameters("b"):
                 p.add_(torch.randn_like(p))
@@ -94,7 +101,9 @@ def test_joint_space_aligns_the_networks_and_each_loss_trains_its_own_network():
 
 def test_joint_bank_reads_both_networks_registered_features():
     ids = ["v0", "v1"]
-    corr = RegisteredCorrespondence(ids, [np.eye(4)] * 2, [(4, 4, 2)] * 2, {("v1", "v0"): np.eye(4), ("v0", "v1"): np.eye(4)})
+    corr = RegisteredCorrespondence(
+        ids, [np.eye(4)] * 2, [(4, 4, 2)] * 2, {("v1", "v0"): np.eye(4), ("v0", "v1"): np.eye(4)}
+    )
     bank = SliceFeatureBank(capacity=4, channels=2, height=4, width=4, num_volumes=2 * len(ids), max_slices=2)
     frame = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
     for layer, value in ((0, 1.0), (1, 3.0)):  # volume v0, slice 1: network A's map is 1, B's is 3

@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
-from scripts.contrastive.contrastive_loss import SupervisedPixelContrastiveLoss, flatten_pixels, sample_contrastive_pixels
+from scripts.contrastive.contrastive_loss import (
+    SupervisedPixelContrastiveLoss,
+    flatten_pixels,
+    sample_contrastive_pixels,
+)
 from scripts.contrastive.feature_taps import FeatureTap, feature_channels
 from scripts.contrastive.mcsc_loss import MultiScaleBalancedContrastiveLoss, balanced_supcon
-from scripts.training.networks import SwinUNETR2D
 from scripts.contrastive.projector import ProjectionHead
+from scripts.training.networks import SwinUNETR2D
 
 torch.set_num_threads(1)
 
@@ -59,7 +63,9 @@ def test_scl_matches_direct_eq4_computation():
 def test_scl_reps_blend_matches_loop_and_gradient_flows_to_anchors_only():
     emb, labels, conf = _toy(1)
     emb.requires_grad_(True)
-    loss_fn = SupervisedPixelContrastiveLoss(3, threshold=0.0, num_anchors=6, num_negatives=7, class_weight=0.3, registered_weight=0.7)
+    loss_fn = SupervisedPixelContrastiveLoss(
+        3, threshold=0.0, num_anchors=6, num_negatives=7, class_weight=0.3, registered_weight=0.7
+    )
     samples = loss_fn.sample(labels, conf, generator=torch.Generator().manual_seed(0))
     k, n = samples.anchor_valid.shape
     reg = F.normalize(torch.randn(k, n, 8), dim=1 + 1)
@@ -81,8 +87,14 @@ def test_anchor_threshold_and_per_class_caps():
     labels[0, :4, :4], labels[0, 10:13, :], labels[0, 15:, 15:] = 1, 2, 3
     conf = torch.full((1, 20, 20), 0.9)
     conf[0, :2, :4] = 0.4  # 8 of the 16 class-1 pixels are below h = 0.5
-    s = sample_contrastive_pixels(labels.reshape(-1), conf.reshape(-1) > 0.5, 4, num_anchors=50, num_negatives=30,
-                                  generator=torch.Generator().manual_seed(0))
+    s = sample_contrastive_pixels(
+        labels.reshape(-1),
+        conf.reshape(-1) > 0.5,
+        4,
+        num_anchors=50,
+        num_negatives=30,
+        generator=torch.Generator().manual_seed(0),
+    )
     flat_lab, flat_conf = labels.reshape(-1), conf.reshape(-1)
     classes, anchors, negatives = s.as_lists()
     by_class = dict(zip(classes, zip(anchors, negatives)))
@@ -137,8 +149,13 @@ def test_mcsc_flattens_labels_and_features_in_the_same_order():
     assert aligned.item() < misaligned.item() - 1.0
 
 
-@pytest.mark.parametrize("make, size", [(lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(8, 8, 16, 16, 32, 8)), 32),
-                                        (lambda: SwinUNETR2D(1, 4, feature_size=12), 40)])
+@pytest.mark.parametrize(
+    "make, size",
+    [
+        (lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(8, 8, 16, 16, 32, 8)), 32),
+        (lambda: SwinUNETR2D(1, 4, feature_size=12), 40),
+    ],
+)
 def test_feature_taps_leave_output_and_state_dict_unchanged(make, size):
     torch.manual_seed(0)
     net = make().eval()

@@ -11,10 +11,10 @@ from monai.transforms import Compose, RandAxisFlipd, RandRotate90d, RandRotated,
 from scipy.spatial.transform import Rotation
 
 from scripts.contrastive.memory_bank import SliceFeatureBank, bank_capacity, registered_positives
-from scripts.data.phantom import sample_subjects, true_transform, with_pose
 from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
-from scripts.registration import map_slice_points
 from scripts.contrastive.slice_coordinates import SliceCoordinatesd, fit_patch_frames
+from scripts.data.phantom import sample_subjects, true_transform, with_pose
+from scripts.registration import map_slice_points
 
 torch.set_num_threads(1)
 IDENTITY_FRAME = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
@@ -68,7 +68,9 @@ def test_bank_bilinear_lookup_and_bounds():
     ramp = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)  # value = 4 r + c
     bank.push(torch.tensor([0]), torch.tensor([0]), ramp, IDENTITY_FRAME)
     uv = torch.tensor([[1.5, 2.25], [3.0, 3.0], [5.0, 1.0]], dtype=torch.float64)
-    feats, found = bank.lookup(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), uv, torch.ones(3, dtype=torch.bool))
+    feats, found = bank.lookup(
+        torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), uv, torch.ones(3, dtype=torch.bool)
+    )
     assert found.tolist() == [True, True, False]
     assert feats[:2, 0].tolist() == pytest.approx([4 * 1.5 + 2.25, 15.0])
 
@@ -77,12 +79,15 @@ def test_patch_frames_recover_the_augmentation():
     u, v = np.meshgrid(np.arange(40.0), np.arange(52.0), indexing="ij")
     image = MetaTensor(torch.as_tensor((3 * u + 7 * v)[None], dtype=torch.float32))
     keys = ["image", "slice_coords"]
-    aug = Compose([
-        SliceCoordinatesd(),
-        RandRotate90d(keys, prob=1.0, max_k=3), RandAxisFlipd(keys, prob=1.0),
-        RandRotated(keys, range_x=0.35, prob=1.0, mode="bilinear", padding_mode="zeros"),
-        Resized(keys, spatial_size=(32, 32), mode="bilinear"),
-    ])
+    aug = Compose(
+        [
+            SliceCoordinatesd(),
+            RandRotate90d(keys, prob=1.0, max_k=3),
+            RandAxisFlipd(keys, prob=1.0),
+            RandRotated(keys, range_x=0.35, prob=1.0, mode="bilinear", padding_mode="zeros"),
+            Resized(keys, spatial_size=(32, 32), mode="bilinear"),
+        ]
+    )
     aug.set_random_state(5)
     out = aug({"image": image})
     frames, ok = fit_patch_frames(out["slice_coords"][None].as_tensor())
@@ -103,8 +108,12 @@ def test_registered_positive_is_the_true_corresponding_point():
     moved = with_pose(base, turn @ base.canonical_to_world)
     moved.id = "moved"
     t = true_transform(base, moved)  # world of volume 0 -> world of volume 1
-    corr = RegisteredCorrespondence([base.id, "moved"], [base.grid_affine, moved.grid_affine], [base.shape, moved.shape],
-                                    {(base.id, "moved"): t, ("moved", base.id): np.linalg.inv(t)})
+    corr = RegisteredCorrespondence(
+        [base.id, "moved"],
+        [base.grid_affine, moved.grid_affine],
+        [base.shape, moved.shape],
+        {(base.id, "moved"): t, ("moved", base.id): np.linalg.inv(t)},
+    )
     # bank of volume 1: every slice's map holds its own voxel coordinates (u, v, slice), identity frame
     h, w, s = moved.shape
     bank = SliceFeatureBank(capacity=s, channels=3, height=h, width=w, num_volumes=2, max_slices=s)
@@ -114,20 +123,31 @@ def test_registered_positive_is_the_true_corresponding_point():
     g = torch.Generator().manual_seed(0)
     n = 200
     z = torch.randint(1, base.shape[2] - 1, (n,), generator=g)
-    uv = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([h * 0.5, w * 0.5], dtype=torch.float64) + torch.tensor([h * 0.25, w * 0.25], dtype=torch.float64)
+    uv = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor(
+        [h * 0.5, w * 0.5], dtype=torch.float64
+    ) + torch.tensor([h * 0.25, w * 0.25], dtype=torch.float64)
     reg, available = registered_positives(corr, bank, torch.zeros(n, dtype=torch.long), z, uv)
     assert available.float().mean() > 0.5
-    truth = np.concatenate([map_slice_points(t, base.grid_affine, moved.grid_affine, int(k), uv[m:m + 1].numpy()) for m, k in enumerate(z.tolist())])
+    truth = np.concatenate(
+        [
+            map_slice_points(t, base.grid_affine, moved.grid_affine, int(k), uv[m : m + 1].numpy())
+            for m, k in enumerate(z.tolist())
+        ]
+    )
     got = reg[available].double().numpy()
     expected = truth[available.numpy()]
     np.testing.assert_allclose(got[:, :2], expected[:, :2], atol=1e-3)  # in-plane: exactly the mapped point
-    np.testing.assert_allclose(got[:, 2], np.round(expected[:, 2]), atol=1e-4)  # through-plane: the nearest stored slice
+    np.testing.assert_allclose(
+        got[:, 2], np.round(expected[:, 2]), atol=1e-4
+    )  # through-plane: the nearest stored slice
     # the looked-up point is the true anatomical correspondence: back in world, it is T(p) up to slice rounding
     world_true = (t @ base.grid_affine @ np.c_[uv.numpy(), z.numpy(), np.ones(n)].T).T[available.numpy(), :3]
     world_got = (moved.grid_affine @ np.c_[got, np.ones(len(got))].T).T[:, :3]
     assert np.abs(world_got - world_true).max() <= 0.5 * moved.spacing[2] + 1e-3
     # a volume never finds itself, and a missing slice gives no positive
-    reg0, avail0 = registered_positives(corr, bank, torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), uv[:3])
+    reg0, avail0 = registered_positives(
+        corr, bank, torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), uv[:3]
+    )
     assert not avail0.any()
 
 
@@ -149,7 +169,7 @@ def test_map_to_partners_equals_mapping_to_every_volume_on_registered_pairs():
     z_all, uv_all, ok_all = corr.map_slice_points(volume, slices, uv)
     rows, targets, z, uv_j, ok = corr.map_to_partners(volume, slices, uv)
     expected = {(a, j) for a in range(6) for j in range(5) if (ids[int(volume[a])], ids[j]) in transforms}
-    real = corr.partner_mask[volume].reshape(-1)   # fixed size: each point gets the most partners of any volume, padded
+    real = corr.partner_mask[volume].reshape(-1)  # fixed size: each point gets the most partners of any volume, padded
     assert len(rows) == 6 * corr.partner_table.shape[1]
     assert set(zip(rows[real].tolist(), targets[real].tolist())) == expected and int(real.sum()) == len(expected)
     assert not ok[~real].any()
@@ -162,12 +182,12 @@ def test_reps_refuses_a_registration_folder_without_training_pairs(tmp_path):
     """REPS on registrations that link no two training volumes would silently be SCL: refused, with what to do."""
     import numpy as np
 
+    from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
     from scripts.data.phantom import ensure_phantom_dataset
     from scripts.registration.engine import PairResult
     from scripts.registration.in_training import RegistrationSetupError
     from scripts.registration.store import TransformStore
     from scripts.registration.transform import PairTransform
-    from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
 
     datalist = ensure_phantom_dataset(tmp_path / "ph", n_labeled=1, n_unlabeled=1, n_validation=1, n_test=0, seed=2)
     store = TransformStore(tmp_path / "reg", settings={"engine": "test"})
@@ -201,7 +221,7 @@ def test_reps_correspondence_applies_deformable_fields():
     rows, targets, z, uv_j, ok = corr.map_to_partners(volume, slices, uv)
     for r, t, zz, p, good in zip(rows.tolist(), targets.tolist(), z.tolist(), uv_j, ok.tolist()):
         transform = deformable if t == 1 else matrix
-        expected = map_slice_points(transform, affines[0], affines[t], int(slices[r]), uv[r:r + 1])[0]
+        expected = map_slice_points(transform, affines[0], affines[t], int(slices[r]), uv[r : r + 1])[0]
         assert torch.allclose(p, expected[:2].to(p.dtype), atol=1e-6)
         assert good == (0 <= round(float(expected[2])) < 6) and (not good or zz == round(float(expected[2])))
     affine_only = map_slice_points(matrix, affines[0], affines[1], 0, uv[:1])[0]

@@ -29,7 +29,9 @@ def data(tmp_path_factory) -> dict[str, str]:
     listed = json.loads(Path(paths["rsl"]).read_text())
     ids = [e["id"] for s in ("training", "unlabeled") for e in listed[s]]
     store = TransformStore(root / "registration", settings={"engine": "truth"})
-    store.commit([PairResult(i, j, PairTransform(true_transform(subjects[i], subjects[j]))) for i in ids for j in ids if i != j])
+    store.commit(
+        [PairResult(i, j, PairTransform(true_transform(subjects[i], subjects[j]))) for i in ids for j in ids if i != j]
+    )
     store.consolidate()
     shutil.copy(paths["rsl"], root / "registration" / "rsl_datalist.json")  # a registration folder (--registration_dir)
     return {**paths, "registration": str(root / "registration")}
@@ -38,8 +40,17 @@ def data(tmp_path_factory) -> dict[str, str]:
 def _parser(run_dir: Path, files: list[str], datalist: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in files])
-    parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalist, "num_iterations": 2, "val_interval": 2,
-                   "monitor_max_volumes": 0, **overrides})
+    parser.update(
+        {
+            **FAST,
+            "bundle_root": str(run_dir),
+            "datalist_file": datalist,
+            "num_iterations": 2,
+            "val_interval": 2,
+            "monitor_max_volumes": 0,
+            **overrides,
+        }
+    )
     return parser
 
 
@@ -59,8 +70,14 @@ def _train(run_dir: Path, files: list[str], datalist: str, **overrides) -> Confi
 
 
 def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, data):
-    parser = _train(tmp_path, ["train.yaml"], data["rsl"],
-                    registration_dir=data["registration"], cl_num_anchors=50, cl_num_negatives=50)
+    parser = _train(
+        tmp_path,
+        ["train.yaml"],
+        data["rsl"],
+        registration_dir=data["registration"],
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+    )
     trainer, term = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("contrastive#module")
     assert trainer.state.iteration == 2
     terms = trainer.state.output["terms"]
@@ -73,7 +90,9 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     assert term.joint and set(term.banks) == {"joint"}
     keys = term.banks["joint"].keys()
     assert 0 < len(keys) <= 2 * term.capacity
-    assert {k for k, _ in keys if k < v} and {(k - v, s) for k, s in keys if k >= v} == {(k, s) for k, s in keys if k < v}
+    assert {k for k, _ in keys if k < v} and {(k - v, s) for k, s in keys if k >= v} == {
+        (k, s) for k, s in keys if k < v
+    }
     # projectors train with their networks' optimizers and are checkpointed outside the networks
     proj_ids = {id(p) for p in term.projector_parameters("a")}
     assert proj_ids <= {id(p) for g in parser.get_parsed_content("optimizer").param_groups for p in g["params"]}
@@ -90,15 +109,16 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
     slots = [int(term.banks["joint"].slot_of[k]) for k in keys]
     torch.testing.assert_close(fresh.banks["joint"].features[: len(keys)], term.banks["joint"].features[slots])
     old_format = {k: v for k, v in state["contrastive"].items() if k != "_extra_state"}
-    fresh.load_state_dict(old_format)   # a checkpoint written before the banks were saved: empty banks
+    fresh.load_state_dict(old_format)  # a checkpoint written before the banks were saved: empty banks
     assert fresh.banks == {}
     model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert model.keys() == parser.get_parsed_content("network_def").state_dict().keys()
 
 
 def test_cts_with_mcsc_trains(tmp_path, data):
-    parser = _train(tmp_path, ["train.yaml", "variants/mcsc.yaml"], data["plain"],
-                    **{"contrastive#term#mcsc_max_samples": 64})
+    parser = _train(
+        tmp_path, ["train.yaml", "variant_mcsc.yaml"], data["plain"], **{"contrastive#term#mcsc_max_samples": 64}
+    )
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert "rsl_a" not in terms and float(terms["cl_a"]) > 0 and float(terms["cl_b"]) > 0
 
@@ -106,16 +126,26 @@ def test_cts_with_mcsc_trains(tmp_path, data):
 @pytest.mark.parametrize(
     "files, trained, banks",
     [
-        (["train.yaml", "variants/uamt_rsl.yaml"], {"a"}, {"a"}),  # UAMT + RSL+SCL+REPS
-        (["train.yaml", "variants/cps.yaml"], {"a", "b"}, {"joint"}),  # CPS + RSL+SCL+REPS (joint space)
+        (["train.yaml", "variant_uamt_rsl.yaml"], {"a"}, {"a"}),  # UAMT + RSL+SCL+REPS
+        (["train.yaml", "variant_cps.yaml"], {"a", "b"}, {"joint"}),  # CPS + RSL+SCL+REPS (joint space)
     ],
     ids=["uamt", "cps"],
 )
 def test_table3_rows_with_rsl_scl_reps_train(tmp_path, data, files, trained, banks):
     # rsl_reliability none: with the fixture's two unlabeled volumes the BRS rank gives one of them weight 0, and a
     # batch of its slices alone would have no RSL term to check
-    parser = _train(tmp_path, files, data["rsl"], registration_dir=data["registration"], rsl_weight=1.0,
-                    cl_weight=0.001, use_reps=True, cl_num_anchors=50, cl_num_negatives=50, rsl_reliability="none")
+    parser = _train(
+        tmp_path,
+        files,
+        data["rsl"],
+        registration_dir=data["registration"],
+        rsl_weight=1.0,
+        cl_weight=0.001,
+        use_reps=True,
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+        rsl_reliability="none",
+    )
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     term = parser.get_parsed_content("contrastive#module")
     assert {f"cl_{k}" for k in trained} <= set(terms) and all(float(terms[f"cl_{k}"]) > 0 for k in trained)
@@ -124,8 +154,15 @@ def test_table3_rows_with_rsl_scl_reps_train(tmp_path, data, files, trained, ban
 
 
 def test_per_network_contrastive_spaces_stay_reachable(tmp_path, data):
-    parser = _train(tmp_path, ["train.yaml"], data["rsl"], registration_dir=data["registration"], cl_joint_space=False,
-                    cl_num_anchors=50, cl_num_negatives=50)
+    parser = _train(
+        tmp_path,
+        ["train.yaml"],
+        data["rsl"],
+        registration_dir=data["registration"],
+        cl_joint_space=False,
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+    )
     term = parser.get_parsed_content("contrastive#module")
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert not term.joint and set(term.banks) == {"a", "b"} and len(term.banks["a"]) <= term.capacity
@@ -137,9 +174,20 @@ def test_amp_path_runs_on_cpu_in_bfloat16(tmp_path, data):
     autocast: it runs, the networks really compute in bfloat16, and the losses stay finite."""
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train.yaml")])
-    parser.update({**FAST, "bundle_root": str(tmp_path), "datalist_file": data["rsl"], "num_iterations": 2, "val_interval": 2,
-                   "monitor_max_volumes": 0, "registration_dir": data["registration"], "cl_num_anchors": 50,
-                   "cl_num_negatives": 50, "amp": True})
+    parser.update(
+        {
+            **FAST,
+            "bundle_root": str(tmp_path),
+            "datalist_file": data["rsl"],
+            "num_iterations": 2,
+            "val_interval": 2,
+            "monitor_max_volumes": 0,
+            "registration_dir": data["registration"],
+            "cl_num_anchors": 50,
+            "cl_num_negatives": 50,
+            "amp": True,
+        }
+    )
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:

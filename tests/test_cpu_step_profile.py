@@ -11,11 +11,24 @@ from cpu_step_profile import is_dense, profile_step  # noqa: E402
 
 
 def test_convolutions_and_matrix_products_are_dense_and_nothing_else():
-    for name in ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
-                 "aten::mm", "aten::bmm", "aten::addmm"):
+    for name in (
+        "aten::convolution_backward",
+        "aten::mkldnn_convolution",
+        "aten::_slow_conv2d_forward",
+        "aten::mm",
+        "aten::bmm",
+        "aten::addmm",
+    ):
         assert is_dense(name), name
-    for name in ("aten::copy_", "aten::native_batch_norm", "aten::_softmax", "aten::add", "aten::cat",
-                 "aten::roll", "aten::gelu_backward"):
+    for name in (
+        "aten::copy_",
+        "aten::native_batch_norm",
+        "aten::_softmax",
+        "aten::add",
+        "aten::cat",
+        "aten::roll",
+        "aten::gelu_backward",
+    ):
         assert not is_dense(name), name
 
 

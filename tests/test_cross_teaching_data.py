@@ -29,8 +29,8 @@ def _label_volume() -> np.ndarray:
     """An asymmetric label volume, different on every slice (flips and rotations show)."""
     label = np.zeros((40, 34, 6), np.uint8)
     for k in range(6):
-        label[6 + k : 30, 4:18 + k, k] = 1
-        label[12:22, 20:31 - k, k] = 2
+        label[6 + k : 30, 4 : 18 + k, k] = 1
+        label[12:22, 20 : 31 - k, k] = 2
         label[14 + k : 20 + k, 8:13, k] = 3
     return label
 
@@ -46,7 +46,13 @@ def datalist(tmp_path) -> Path:
         "labels": {"0": "bg", "1": "a", "2": "b", "3": "c"},
         "training": [{"id": "l0", "image": "img.nii.gz", "label": "lab.nii.gz"}],
         "unlabeled": [
-            {"id": "u0", "image": "img.nii.gz", "true_label": "lab.nii.gz", "registered_label": "lab.nii.gz", "brs_score": 2.0},
+            {
+                "id": "u0",
+                "image": "img.nii.gz",
+                "true_label": "lab.nii.gz",
+                "registered_label": "lab.nii.gz",
+                "brs_score": 2.0,
+            },
             {"id": "u1", "image": "img.nii.gz", "true_label": "lab.nii.gz", "registered_label": None},
         ],
         "validation": [{"id": "v0", "image": "img.nii.gz", "label": "lab.nii.gz"}],
@@ -69,9 +75,12 @@ def test_registered_label_stays_aligned_through_augmentation(datalist):
     parser = _parser(datalist)
     transform = parser.get_parsed_content("train#unlabeled#preprocessing")
     transform.set_random_state(0)
-    entry = parser.get_parsed_content("train#unlabeled#datalist")[0]
+    entry = parser.get_parsed_content("train#unlabeled#datalist")()[0]
     # the true label never reaches training; the RSL weight from the BRS rank does (one scored volume: 1)
-    assert set(entry) == {"id", "image", "registered_label", "registered_label_weight"} and entry["registered_label_weight"] == 1.0
+    assert (
+        set(entry) == {"id", "image", "registered_label", "registered_label_weight"}
+        and entry["registered_label_weight"] == 1.0
+    )
     distinct, flipped_agreement = set(), []
     for _ in range(40):
         out = transform(dict(entry))
@@ -93,8 +102,11 @@ def test_labeled_and_registered_labels_get_identical_transforms(datalist):
     parser = _parser(datalist)
     transform = parser.get_parsed_content("train#preprocessing")
     transform.set_random_state(1)
-    entry = {"image": str(datalist.parent / "img.nii.gz"), "label": str(datalist.parent / "lab.nii.gz"),
-             "registered_label": str(datalist.parent / "lab.nii.gz")}
+    entry = {
+        "image": str(datalist.parent / "img.nii.gz"),
+        "label": str(datalist.parent / "lab.nii.gz"),
+        "registered_label": str(datalist.parent / "lab.nii.gz"),
+    }
     for _ in range(20):
         out = transform(dict(entry))
         torch.testing.assert_close(torch.as_tensor(out["registered_label"]), torch.as_tensor(out["label"]))
@@ -102,7 +114,7 @@ def test_labeled_and_registered_labels_get_identical_transforms(datalist):
 
 def test_failed_registration_gets_blank_label_and_batches_collate(datalist):
     parser = _parser(datalist)
-    entries = parser.get_parsed_content("train#unlabeled#datalist")
+    entries = parser.get_parsed_content("train#unlabeled#datalist")()  # read when training starts
     assert "registered_label" not in entries[1]
     dataset = Dataset(entries, parser.get_parsed_content("train#unlabeled#preprocessing"))
     batch = next(iter(DataLoader(dataset, batch_size=2, shuffle=False, num_workers=0)))
@@ -112,8 +124,8 @@ def test_failed_registration_gets_blank_label_and_batches_collate(datalist):
 
 
 def test_cts_drops_registered_labels(datalist):
-    parser = _parser(datalist, "variants/cts.yaml")
-    entries = parser.get_parsed_content("train#unlabeled#datalist")
+    parser = _parser(datalist, "variant_cts.yaml")
+    entries = parser.get_parsed_content("train#unlabeled#datalist")()  # read when training starts
     assert all(set(e) == {"id", "image"} for e in entries)
     out = parser.get_parsed_content("train#unlabeled#preprocessing")(dict(entries[0]))
     assert "registered_label" not in out
@@ -166,7 +178,11 @@ def test_prepare_batch_gives_plain_tensors_and_checks_keys():
     image = MetaTensor(torch.rand(2, 1, 4, 4))
     batch = {
         "labeled": {"image": image, "label": MetaTensor(torch.zeros(2, 1, 4, 4))},
-        "unlabeled": {"image": image, "registered_label": torch.ones(2, 1, 4, 4), "registered_label_valid": torch.tensor([1.0, 0.0])},
+        "unlabeled": {
+            "image": image,
+            "registered_label": torch.ones(2, 1, 4, 4),
+            "registered_label_valid": torch.tensor([1.0, 0.0]),
+        },
     }
     out = SemiSupervisedPrepareBatch()(batch, torch.device("cpu"))
     assert type(out.labeled_image) is torch.Tensor and type(out.label) is torch.Tensor

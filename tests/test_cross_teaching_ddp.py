@@ -18,12 +18,32 @@ def test_cct_r_under_torchrun_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [f"--{k}={json.dumps(v).replace(' ', '')}" for k, v in FAST.items()]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", "['configs/train.yaml','configs/variants/no_reps.yaml','configs/multi_gpu_train.yaml']",
-        "--bundle_root", str(run_dir), "--datalist_file", data["rsl"],
-        "--num_iterations", "2", "--val_interval", "2", "--cl_threshold", "0.0", "--cl_num_anchors", "50",
-        "--cl_num_negatives", "50", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.yaml','configs/variant_no_reps.yaml','configs/multi_gpu_train.yaml']",
+        "--bundle_root",
+        str(run_dir),
+        "--datalist_file",
+        data["rsl"],
+        "--num_iterations",
+        "2",
+        "--val_interval",
+        "2",
+        "--cl_threshold",
+        "0.0",
+        "--cl_num_anchors",
+        "50",
+        "--cl_num_negatives",
+        "50",
+        *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

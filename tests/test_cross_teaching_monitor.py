@@ -12,8 +12,8 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from torch import nn
 
-from scripts.inference.inferer import SliceResizeInferer
 from scripts.evaluation.pseudo_label_monitor import PseudoLabelMonitor, monitored_entries
+from scripts.inference.inferer import SliceResizeInferer
 
 torch.set_num_threads(1)
 CLASSES = ["background", "RV", "myocardium", "LV"]
@@ -48,7 +48,10 @@ def _batch() -> dict:
 def test_monitor_scores_networks_and_registered_labels(tmp_path):
     oracle = _Oracle().train()
     monitor = PseudoLabelMonitor(
-        [_batch(), _batch()], {"cnn": oracle, "transformer": _Background()}, SliceResizeInferer([16, 16]), CLASSES,
+        [_batch(), _batch()],
+        {"cnn": oracle, "transformer": _Background()},
+        SliceResizeInferer([16, 16]),
+        CLASSES,
         output_file=tmp_path / "pseudo.json",
     )
     engine = Engine(lambda e, b: None)

@@ -12,7 +12,7 @@ from tests.cross_teaching_fixtures import make_rsl_datalist, run_bundle
 
 torch.set_num_threads(1)
 
-CCT_R = ["train.yaml", "variants/no_contrastive.yaml"]  # REPS needs registrations (its bank: test_contrastive_training)
+CCT_R = ["train.yaml", "variant_no_contrastive.yaml"]  # REPS needs registrations (its bank: test_contrastive_training)
 RUN = ["--num_iterations", "4", "--val_interval", "2"]
 
 
@@ -53,9 +53,18 @@ def test_resume_equals_uninterrupted_run(tmp_path, data, straight):
 
 def _evaluate(run_dir: Path, data: dict, out: Path, branch: str) -> dict[str, float]:
     run_bundle(
-        run_dir, ["inference.yaml", "evaluate.yaml"], data["rsl"],
-        "--datalist_section", "validation", "--report_dir", str(out / "report"), "--output_dir", str(out / "pred"),
-        "--branch", branch, run_id="evaluating",
+        run_dir,
+        ["inference.yaml", "evaluate.yaml"],
+        data["rsl"],
+        "--datalist_section",
+        "validation",
+        "--report_dir",
+        str(out / "report"),
+        "--output_dir",
+        str(out / "pred"),
+        "--branch",
+        branch,
+        run_id="evaluating",
     )
     with open(out / "report" / "metrics_per_case.csv") as f:
         return {r["class_name"]: float(r["dice"]) for r in csv.DictReader(f)}
@@ -78,7 +87,9 @@ def _model(run_dir: Path) -> dict:
 
 
 def _differs(a: dict, b: dict) -> bool:
-    return any(not torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a if a[k].is_floating_point())
+    return any(
+        not torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6) for k in a if a[k].is_floating_point()
+    )
 
 
 def test_weight_average_is_validated_saved_and_resumed_while_the_students_train_as_without_it(tmp_path, data, straight):
@@ -92,7 +103,7 @@ def test_weight_average_is_validated_saved_and_resumed_while_the_students_train_
     assert set(average) == set(state["network"]) and _differs(average, state["network"])
     assert "weight_average" not in plain
 
-    part = tmp_path / "part"   # one validation round (iteration 2): it selects and saves the average
+    part = tmp_path / "part"  # one validation round (iteration 2): it selects and saves the average
     run_bundle(part, CCT_R, data["rsl"], *RUN, *ema, "--max_epochs", "1")
     first = _state(part)
     saved = _model(part)

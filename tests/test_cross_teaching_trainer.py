@@ -17,7 +17,10 @@ torch.set_num_threads(1)
 
 def _batch(with_registered: bool = True) -> dict:
     g = torch.Generator().manual_seed(0)
-    labeled = {"image": torch.rand(2, 1, 8, 8, generator=g), "label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float()}
+    labeled = {
+        "image": torch.rand(2, 1, 8, 8, generator=g),
+        "label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
+    }
     unlabeled = {"image": torch.rand(2, 1, 8, 8, generator=g)}
     if with_registered:
         unlabeled["registered_label"] = torch.randint(0, 3, (2, 1, 8, 8), generator=g).float()
@@ -49,7 +52,9 @@ def _reference_step(net, other, loss_fn, cross, batch, w, w_rsl):
     return loss.item()
 
 
-@pytest.mark.parametrize("consistency, cross, w_rsl", [("cross_teaching", PseudoLabelDiceLoss(), 0.7), ("cps", PseudoLabelCELoss(), 0.0)])
+@pytest.mark.parametrize(
+    "consistency, cross, w_rsl", [("cross_teaching", PseudoLabelDiceLoss(), 0.7), ("cps", PseudoLabelCELoss(), 0.0)]
+)
 def test_each_network_steps_on_its_own_loss(consistency, cross, w_rsl):
     net_a, net_b = _nets()
     init_a, init_b = copy.deepcopy(net_a), copy.deepcopy(net_b)
@@ -57,9 +62,18 @@ def test_each_network_steps_on_its_own_loss(consistency, cross, w_rsl):
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
     batch = _batch()
     trainer = CrossTeachingTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1,
-        net_a=net_a, optimizer_a=_sgd(net_a), net_b=net_b, optimizer_b=_sgd(net_b),
-        supervised_loss=loss_fn, consistency=consistency, consistency_weight=0.3, rsl_weight=w_rsl,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=_sgd(net_a),
+        net_b=net_b,
+        optimizer_b=_sgd(net_b),
+        supervised_loss=loss_fn,
+        consistency=consistency,
+        consistency_weight=0.3,
+        rsl_weight=w_rsl,
     )
     trainer.run()
     # references: each network's loss against the *initial* other network, stepped alone
@@ -80,9 +94,18 @@ def test_mean_teacher_steps_student_and_averages_teacher():
     student, teacher = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 3, padding=1)
     teacher0 = copy.deepcopy(teacher)
     trainer = CrossTeachingTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[_batch(False)], epoch_length=1,
-        net_a=student, optimizer_a=_sgd(student), net_b=teacher, supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True),
-        consistency="mean_teacher", consistency_weight=0.1, num_iterations=10, uncertainty_passes=2,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[_batch(False)],
+        epoch_length=1,
+        net_a=student,
+        optimizer_a=_sgd(student),
+        net_b=teacher,
+        supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True),
+        consistency="mean_teacher",
+        consistency_weight=0.1,
+        num_iterations=10,
+        uncertainty_passes=2,
     )
     trainer.run()
     # iteration 1: alpha = min(1 - 1/2, 0.99) = 0.5
@@ -95,8 +118,16 @@ def test_mean_teacher_steps_student_and_averages_teacher():
 
 def test_invalid_configurations_are_refused():
     net_a, net_b = _nets()
-    common = dict(device="cpu", max_epochs=1, train_data_loader=[_batch(False)], epoch_length=1, net_a=net_a,
-                  optimizer_a=_sgd(net_a), net_b=net_b, supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True))
+    common = dict(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[_batch(False)],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=_sgd(net_a),
+        net_b=net_b,
+        supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True),
+    )
     with pytest.raises(ValueError, match="optimizer_b"):
         CrossTeachingTrainer(**common, consistency="cross_teaching")
     with pytest.raises(ValueError, match="no optimizer"):

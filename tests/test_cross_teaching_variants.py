@@ -36,8 +36,18 @@ def _model(run_dir: Path) -> dict:
 def _evaluates(run_dir: Path, datalist: str) -> None:
     """The plain inference + evaluation configs rebuild the variant's network from models/model_config.json."""
     report = run_dir / "report"
-    run_bundle(run_dir, ["inference.yaml", "evaluate.yaml"], datalist, "--datalist_section", "validation",
-               "--report_dir", str(report), "--output_dir", str(run_dir / "pred"), run_id="evaluating")
+    run_bundle(
+        run_dir,
+        ["inference.yaml", "evaluate.yaml"],
+        datalist,
+        "--datalist_section",
+        "validation",
+        "--report_dir",
+        str(report),
+        "--output_dir",
+        str(run_dir / "pred"),
+        run_id="evaluating",
+    )
     with open(report / "metrics_per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["class_name"] for r in rows} == {"RV", "myocardium", "LV"}
@@ -58,9 +68,9 @@ def _monitor(run_dir: Path) -> dict:
 @pytest.mark.parametrize(
     "variant, files, datalist, names, rsl",
     [
-        ("cct_r_no_contrastive", ["variants/no_contrastive.yaml"], "rsl", ["cnn", "transformer"], True),
-        ("cts", ["variants/cts.yaml"], "plain", ["cnn", "transformer"], False),
-        ("cps", ["variants/cps.yaml"], "plain", ["unet_a", "unet_b"], False),
+        ("cct_r_no_contrastive", ["variant_no_contrastive.yaml"], "rsl", ["cnn", "transformer"], True),
+        ("cts", ["variant_cts.yaml"], "plain", ["cnn", "transformer"], False),
+        ("cps", ["variant_cps.yaml"], "plain", ["unet_a", "unet_b"], False),
     ],
 )
 def test_two_student_variants(tmp_path, data, variant, files, datalist, names, rsl):
@@ -90,7 +100,7 @@ def test_two_student_variants(tmp_path, data, variant, files, datalist, names, r
 
 @pytest.mark.parametrize("rsl", [False, True])
 def test_uamt_variants(tmp_path, data, rsl):
-    files = ["train.yaml", "variants/uamt_rsl.yaml" if rsl else "variants/uamt.yaml"]
+    files = ["train.yaml", "variant_uamt_rsl.yaml" if rsl else "variant_uamt.yaml"]
     run_bundle(tmp_path, files, data["rsl" if rsl else "plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
@@ -107,7 +117,7 @@ def test_uamt_variants(tmp_path, data, rsl):
 
 
 def test_fs_trains_on_labeled_and_true_labels(tmp_path, data):
-    run_bundle(tmp_path, ["train.yaml", "variants/ls.yaml", "variants/fs.yaml"], data["plain"], *ITERATIONS)
+    run_bundle(tmp_path, ["train.yaml", "variant_ls.yaml", "variant_fs.yaml"], data["plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2
     model = _model(tmp_path)
@@ -118,7 +128,7 @@ def test_fs_trains_on_labeled_and_true_labels(tmp_path, data):
 
 
 def test_ls_trains_one_unet_on_labeled_batches(tmp_path, data):
-    run_bundle(tmp_path, ["train.yaml", "variants/ls.yaml"], data["plain"], *ITERATIONS)
+    run_bundle(tmp_path, ["train.yaml", "variant_ls.yaml"], data["plain"], *ITERATIONS)
     state = _state(tmp_path)
     assert state["trainer"]["iteration"] == 2 and "optimizer_b" not in state
     assert json.loads((tmp_path / "models" / "model_config.json").read_text())["variant"] == "ls"
@@ -126,20 +136,31 @@ def test_ls_trains_one_unet_on_labeled_batches(tmp_path, data):
     _evaluates(tmp_path, data["plain"])
 
 
-REGISTRATION_FAST = ["--registration_workers", "0", "--registration_torch_settings#levels", "[6.0]",
-                     "--registration_torch_settings#iterations", "[10]", "--registration_torch_settings#num_points", "256",
-                     "--cl_num_anchors", "50", "--cl_num_negatives", "50"]
+REGISTRATION_FAST = [
+    "--registration_workers",
+    "0",
+    "--registration_torch_settings#levels",
+    "[6.0]",
+    "--registration_torch_settings#iterations",
+    "[10]",
+    "--registration_torch_settings#num_points",
+    "256",
+    "--cl_num_anchors",
+    "50",
+    "--cl_num_negatives",
+    "50",
+]
 
 
 @pytest.mark.parametrize(
     "overlay, variant, random_partner",
     [
-        ([], "cct_r", False),                          # the default: registration inside training, RSL + SCL + REPS
-        (["variants/cct_r.yaml"], "cct_r", False),     # the paper's settings pinned
-        (["variants/no_reps.yaml"], "cct_r_no_reps", False),
-        (["variants/no_brs.yaml"], "cct_r_no_brs", True),
-        (["variants/mcsc.yaml"], "mcsc", False),
-        (["variants/ssl4mis_unet.yaml"], "cct_r", False),   # the papers' U-Net as network A
+        ([], "cct_r", False),  # the default: registration inside training, RSL + SCL + REPS
+        (["variant_cct_r.yaml"], "cct_r", False),  # the paper's settings pinned
+        (["variant_no_reps.yaml"], "cct_r_no_reps", False),
+        (["variant_no_brs.yaml"], "cct_r_no_brs", True),
+        (["variant_mcsc.yaml"], "mcsc", False),
+        (["variant_ssl4mis_unet.yaml"], "cct_r", False),  # the papers' U-Net as network A
     ],
 )
 def test_registration_variants_train_from_a_plain_datalist(tmp_path, data, overlay, variant, random_partner):
@@ -157,10 +178,12 @@ def test_registration_variants_train_from_a_plain_datalist(tmp_path, data, overl
 
 
 def test_training_tracks_with_mlflow(tmp_path, data):
-    pytest.importorskip("mlflow", reason="MLflow is a requirement, but a GPU image may lack it (benchmarks/gpu_check.sh)")
+    pytest.importorskip(
+        "mlflow", reason="MLflow is a requirement, but a GPU image may lack it (benchmarks/gpu_check.sh)"
+    )
     from mlflow.tracking import MlflowClient
 
-    run_bundle(tmp_path, ["train.yaml", "variants/cts.yaml"], data["plain"], *ITERATIONS, "--tracking", "mlflow")
+    run_bundle(tmp_path, ["train.yaml", "variant_cts.yaml"], data["plain"], *ITERATIONS, "--tracking", "mlflow")
     client = MlflowClient(f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "cct_r_cts"]
     (run,) = client.search_runs([experiment.experiment_id])

@@ -21,8 +21,11 @@ from tests.cross_teaching_fixtures import ROOT
 
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory) -> Path:
-    return Path(ensure_ct_phantom_dataset(tmp_path_factory.mktemp("ct") / "ct_phantom", n_labeled=2, n_unlabeled=2,
-                                          n_validation=1, seed=1))
+    return Path(
+        ensure_ct_phantom_dataset(
+            tmp_path_factory.mktemp("ct") / "ct_phantom", n_labeled=2, n_unlabeled=2, n_validation=1, seed=1
+        )
+    )
 
 
 def test_ct_phantom_is_synapse_like_and_deterministic(ct, tmp_path):
@@ -48,20 +51,49 @@ def test_ct_phantom_is_synapse_like_and_deterministic(ct, tmp_path):
 
 
 def _run(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=ROOT, capture_output=True, text=True
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
 def test_ct_default_path_trains_infers_and_evaluates(ct, tmp_path):
-    fast = ["--patch_size", "[64,64]", "--batch_size", "4", "--num_iterations", "2", "--val_interval", "2", "--num_workers", "0",
-            "--cache_num_workers", "0", "--swin_feature_size", "12", "--registration_workers", "1",
-            "--registration_torch_settings#iterations", "[8,4]", "--registration_torch_settings#num_points", "512",
-            "--registration_torch_settings#field_iterations", "4"]
+    fast = [
+        "--patch_size",
+        "[64,64]",
+        "--batch_size",
+        "4",
+        "--num_iterations",
+        "2",
+        "--val_interval",
+        "2",
+        "--num_workers",
+        "0",
+        "--cache_num_workers",
+        "0",
+        "--swin_feature_size",
+        "12",
+        "--registration_workers",
+        "1",
+        "--registration_torch_settings#iterations",
+        "[8,4]",
+        "--registration_torch_settings#num_points",
+        "512",
+        "--registration_torch_settings#field_iterations",
+        "4",
+    ]
     bundle = ["--bundle_root", str(tmp_path)]
-    _run("training", "--config_file", "['configs/train.yaml','configs/datasets/synapse.yaml']", "--datalist_file", str(ct),
-         *bundle, *fast)
+    _run(
+        "training",
+        "--config_file",
+        "['configs/train.yaml','configs/dataset_synapse.yaml']",
+        "--datalist_file",
+        str(ct),
+        *bundle,
+        *fast,
+    )
     folders = [p for p in (tmp_path / "registration").iterdir() if p.is_dir()]
     assert len(folders) == 1 and json.loads((folders[0] / "settings.json").read_text())["deformable"] is True
     table = TransformStore(folders[0]).load()
@@ -73,8 +105,16 @@ def test_ct_default_path_trains_infers_and_evaluates(ct, tmp_path):
     # organ is present in every validation label, none is scored on an empty class
     baseline = json.loads((folders[0] / "baseline" / "baseline.json").read_text())
     organs = [c for c in baseline["brs"]["per_class"] if c["class"] != "mean"]
-    assert [c["class_name"] for c in organs] == ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach",
-                                                 "aorta", "pancreas"]
+    assert [c["class_name"] for c in organs] == [
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
+    ]
     assert all(c["n_gt_empty"] == 0 for c in organs), organs
 
     entries = json.loads(ct.read_text())["validation"]
@@ -82,17 +122,43 @@ def test_ct_default_path_trains_infers_and_evaluates(ct, tmp_path):
     inputs.mkdir()
     for e in entries:
         (inputs / Path(e["image"]).name).symlink_to(ct.parent / e["image"])
-    _run("inference", "--config_file", "configs/inference.yaml", "--input_dir", str(inputs), *bundle,
-         "--output_dir", str(tmp_path / "segs"))
+    _run(
+        "inference",
+        "--config_file",
+        "configs/inference.yaml",
+        "--input_dir",
+        str(inputs),
+        *bundle,
+        "--output_dir",
+        str(tmp_path / "segs"),
+    )
     segs = sorted((tmp_path / "segs").glob("*_seg.nii.gz"))
     assert len(segs) == len(entries)
     seg = np.asarray(nib.load(segs[0]).dataobj)
     assert seg.shape == nib.load(ct.parent / entries[0]["image"]).shape and seg.max() <= 8
 
-    _run("evaluating", "--config_file", "['configs/inference.yaml','configs/evaluate.yaml']", "--datalist_file", str(ct),
-         "--datalist_section", "validation", *bundle, "--output_dir", str(tmp_path / "evaluation"))
+    _run(
+        "evaluating",
+        "--config_file",
+        "['configs/inference.yaml','configs/evaluate.yaml']",
+        "--datalist_file",
+        str(ct),
+        "--datalist_section",
+        "validation",
+        *bundle,
+        "--output_dir",
+        str(tmp_path / "evaluation"),
+    )
     with open(tmp_path / "evaluation" / "metrics_per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["class_name"] for r in rows} == {"spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta",
-                                               "pancreas"}
+    assert {r["class_name"] for r in rows} == {
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
+    }
     assert all(r["gt_empty"] == "False" for r in rows)  # labels mapped 13 -> 8 before scoring: every organ present

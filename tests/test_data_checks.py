@@ -42,10 +42,15 @@ def datalist(root: Path, training=None, unlabeled=None, validation=None, test=No
     """A datalist with one good case per section unless told otherwise."""
     good = lambda name: case(root, name)  # noqa: E731
     data = {
-        "name": "t", "modality": "MRI", "labels": LABELS4,
+        "name": "t",
+        "modality": "MRI",
+        "labels": LABELS4,
         "training": [good("tr")] if training is None else training,
-        "unlabeled": [{"id": "un", "image": image(root / "un.nii.gz", seed=1),
-                       "true_label": label(root / "un_gt.nii.gz")}] if unlabeled is None else unlabeled,
+        "unlabeled": [
+            {"id": "un", "image": image(root / "un.nii.gz", seed=1), "true_label": label(root / "un_gt.nii.gz")}
+        ]
+        if unlabeled is None
+        else unlabeled,
         "validation": [good("va")] if validation is None else validation,
         "test": [] if test is None else test,
         **meta,
@@ -153,7 +158,9 @@ def test_2d_image(tmp_path):
 def test_4d_image(tmp_path):
     cine = image(tmp_path / "cine.nii.gz", shape=(8, 8, 3, 5))
     _, problems = problems_of(datalist(tmp_path, unlabeled=[{"id": "c", "image": cine}]))
-    assert problems == [f"{cine}: image is 4D (non-singleton 4th dimension) with shape (8, 8, 3, 5); a 3D volume is required"]
+    assert problems == [
+        f"{cine}: image is 4D (non-singleton 4th dimension) with shape (8, 8, 3, 5); a 3D volume is required"
+    ]
 
 
 def test_shape_mismatch(tmp_path):
@@ -210,8 +217,9 @@ def test_label_mapping(tmp_path):
     write_json(path, {**json.loads(path.read_text()), "label_mapping": mapping})
     assert check_datalist(path)["num_classes"] == 9  # the datalist's own mapping is the default
     bad = case(tmp_path, "b", values=(0, 14, 20))
-    _, problems = problems_of(datalist(tmp_path, training=[bad], unlabeled=[], validation=[], labels=labels9),
-                              label_mapping=mapping)
+    _, problems = problems_of(
+        datalist(tmp_path, training=[bad], unlabeled=[], validation=[], labels=labels9), label_mapping=mapping
+    )
     assert problems == [f"{bad['label']}: label values [14, 20] are not in label_mapping orig {list(range(14))}"]
 
 
@@ -234,7 +242,9 @@ def test_infinite_scale_slope(tmp_path):
     path.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(DataCheckError) as err:
         check_image_file(path)
-    assert err.value.problems == [f"{path}: invalid intensity scaling in header (scl_slope=inf, scl_inter=0.0); NaN/inf not allowed"]
+    assert err.value.problems == [
+        f"{path}: invalid intensity scaling in header (scl_slope=inf, scl_inter=0.0); NaN/inf not allowed"
+    ]
 
 
 def test_nan_scale_intercept(tmp_path):
@@ -245,7 +255,9 @@ def test_nan_scale_intercept(tmp_path):
     raw[112:120] = np.array([2.0, np.nan], "<f4").tobytes()  # valid slope, NaN intercept
     path.write_bytes(gzip.compress(bytes(raw)))
     _, problems = problems_of(datalist(tmp_path, unlabeled=[{"id": "s", "image": str(path)}]))
-    assert problems == [f"{path}: invalid intensity scaling in header (scl_slope=2.0, scl_inter=nan); NaN/inf not allowed"]
+    assert problems == [
+        f"{path}: invalid intensity scaling in header (scl_slope=2.0, scl_inter=nan); NaN/inf not allowed"
+    ]
 
 
 def test_missing_label_key_in_labeled_section(tmp_path):
@@ -253,7 +265,9 @@ def test_missing_label_key_in_labeled_section(tmp_path):
     del entry["label"]
     path = datalist(tmp_path, validation=[entry])
     _, problems = problems_of(path)
-    assert problems == [f"datalist {path}: validation[0] id='a' ({entry['image']}) has no 'label' (required in section 'validation')"]
+    assert problems == [
+        f"datalist {path}: validation[0] id='a' ({entry['image']}) has no 'label' (required in section 'validation')"
+    ]
 
 
 def test_all_problems_reported_together(tmp_path):
@@ -267,8 +281,12 @@ def test_all_problems_reported_together(tmp_path):
     message, problems = problems_of(path)
     assert len(problems) == 4
     assert message.startswith(f"4 data problem(s) in {path}:")
-    for expected in (f"{gone['image']}: image file missing", f"{wrong_values['label']}: label values [9]",
-                     f"{wrong_shape['label']}: label shape (4, 8, 3)", "duplicate id 'vals'"):
+    for expected in (
+        f"{gone['image']}: image file missing",
+        f"{wrong_values['label']}: label values [9]",
+        f"{wrong_shape['label']}: label shape (4, 8, 3)",
+        "duplicate id 'vals'",
+    ):
         assert sum(expected in p for p in problems) == 1, expected
 
 

@@ -63,16 +63,35 @@ def ids(data: dict, section: str) -> list[str]:
 def test_load_datalist_resolves_relative_paths(tmp_path):
     (tmp_path / "sub").mkdir()
     dl = tmp_path / "sub" / "dl.json"
-    dl.write_text(json.dumps({
-        "name": "x", "modality": "MRI", "labels": {"0": "bg", "1": "fg"},
-        "training": [{"id": "a", "image": "img/a.nii.gz", "label": "../lab/a.nii.gz", "weight": "heavy"}],
-        "unlabeled": [{"id": "b", "image": "/abs/b.nii.gz", "true_label": "lab/b.nii.gz",
-                       "moving_image": "m.nii.gz", "warped_label": "w.nii.gz"}],
-        "test": ["img/c.nii.gz"],
-    }))
+    dl.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "modality": "MRI",
+                "labels": {"0": "bg", "1": "fg"},
+                "training": [{"id": "a", "image": "img/a.nii.gz", "label": "../lab/a.nii.gz", "weight": "heavy"}],
+                "unlabeled": [
+                    {
+                        "id": "b",
+                        "image": "/abs/b.nii.gz",
+                        "true_label": "lab/b.nii.gz",
+                        "moving_image": "m.nii.gz",
+                        "warped_label": "w.nii.gz",
+                    }
+                ],
+                "test": ["img/c.nii.gz"],
+            }
+        )
+    )
     training = load_datalist(dl, "training")
-    assert training == [{"id": "a", "image": str(tmp_path / "sub" / "img" / "a.nii.gz"),
-                         "label": str(tmp_path / "lab" / "a.nii.gz"), "weight": "heavy"}]
+    assert training == [
+        {
+            "id": "a",
+            "image": str(tmp_path / "sub" / "img" / "a.nii.gz"),
+            "label": str(tmp_path / "lab" / "a.nii.gz"),
+            "weight": "heavy",
+        }
+    ]
     (entry,) = load_datalist(str(dl), "unlabeled")
     assert entry["image"] == "/abs/b.nii.gz"
     assert entry["true_label"] == str(tmp_path / "sub" / "lab" / "b.nii.gz")
@@ -117,11 +136,24 @@ def test_load_datalist_bad_section_and_entry(tmp_path):
 
 def test_load_datalist_info(tmp_path):
     dl = tmp_path / "dl.json"
-    dl.write_text(json.dumps({"name": "syn", "modality": "CT", "labels": {"0": "bg", "1": "spleen"},
-                              "intensity_window": [-125, 275], "training": []}))
+    dl.write_text(
+        json.dumps(
+            {
+                "name": "syn",
+                "modality": "CT",
+                "labels": {"0": "bg", "1": "spleen"},
+                "intensity_window": [-125, 275],
+                "training": [],
+            }
+        )
+    )
     info = load_datalist_info(dl)
-    assert info == {"name": "syn", "modality": "CT", "labels": {"0": "bg", "1": "spleen"},
-                    "intensity_window": [-125, 275]}
+    assert info == {
+        "name": "syn",
+        "modality": "CT",
+        "labels": {"0": "bg", "1": "spleen"},
+        "intensity_window": [-125, 275],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,16 +192,21 @@ def test_build_acdc_standard_split_counts(tmp_path):
 
 @pytest.fixture
 def small_split(tmp_path) -> Path:
-    split = {"train": ["patient003", "patient004", "patient005"], "validation": ["patient002"],
-             "test": ["patient001", "patient007"], "labeled": {"1": ["patient004"]}}
+    split = {
+        "train": ["patient003", "patient004", "patient005"],
+        "validation": ["patient002"],
+        "test": ["patient001", "patient007"],
+        "labeled": {"1": ["patient004"]},
+    }
     path = tmp_path / "split.json"
     path.write_text(json.dumps(split))
     return path
 
 
 def test_build_acdc_standard_and_nonstandard_labeled(tmp_path, small_split):
-    root = fake_acdc(tmp_path / "ACDC", ["patient002", "patient003", "patient004", "patient005", "patient001"],
-                     frames=("01", "02"))
+    root = fake_acdc(
+        tmp_path / "ACDC", ["patient002", "patient003", "patient004", "patient005", "patient001"], frames=("01", "02")
+    )
     with pytest.warns(UserWarning, match=r"1 ACDC test patient\(s\) not under .*\['patient007'\]"):
         data = read_datalist(build_acdc(root, tmp_path / "a1.json", labeled=1, split=small_split))
     assert ids(data, "training") == ["patient004_frame01", "patient004_frame02"]
@@ -184,14 +221,19 @@ def test_build_acdc_labeled_seed_draws_other_labeled_patients(tmp_path, small_sp
     root = fake_acdc(tmp_path / "ACDC", ["patient002", "patient003", "patient004", "patient005"], frames=("01",))
     drawn = {}
     for seed in range(6):
-        data = read_datalist(build_acdc(root, tmp_path / f"s{seed}.json", labeled=2, split=small_split, include_test=False,
-                                        labeled_seed=seed))
+        data = read_datalist(
+            build_acdc(
+                root, tmp_path / f"s{seed}.json", labeled=2, split=small_split, include_test=False, labeled_seed=seed
+            )
+        )
         patients = sorted({i[:10] for i in ids(data, "training")})
         assert len(patients) == 2 and data["labeled_patients"] == patients and data["labeled_seed"] == seed
         assert {i[:10] for i in ids(data, "unlabeled")} == {"patient003", "patient004", "patient005"} - set(patients)
         drawn[seed] = tuple(patients)
     assert len(set(drawn.values())) > 1  # different seeds, different labeled patients
-    again = read_datalist(build_acdc(root, tmp_path / "again.json", labeled=2, split=small_split, include_test=False, labeled_seed=3))
+    again = read_datalist(
+        build_acdc(root, tmp_path / "again.json", labeled=2, split=small_split, include_test=False, labeled_seed=3)
+    )
     assert tuple(again["labeled_patients"]) == drawn[3]  # the same seed, the same patients
 
 
@@ -215,7 +257,9 @@ def test_build_acdc_unlabeled_without_gt_and_labeled_without_gt(tmp_path, small_
     data = read_datalist(build_acdc(root, tmp_path / "dl.json", labeled=1, split=small_split, include_test=False))
     assert [sorted(e) for e in data["unlabeled"]] == [["id", "image"]] * 4
     with pytest.warns(UserWarning):
-        with pytest.raises(DatalistError, match=r"labeled ACDC patient patient003: no ground truth patient003_frame01_gt"):
+        with pytest.raises(
+            DatalistError, match=r"labeled ACDC patient patient003: no ground truth patient003_frame01_gt"
+        ):
             build_acdc(root, tmp_path / "dl2.json", labeled=3, split=small_split)
 
 
@@ -252,8 +296,9 @@ def test_build_synapse_split_and_mapping(tmp_path):
     assert ids(data, "validation") == [f"case{c}" for c in train[-2:]]
     assert ids(data, "unlabeled") == [f"case{c}" for c in train[4:-2]]
     assert all(e["true_label"].endswith(f"label{e['id'][4:]}.nii.gz") for e in data["unlabeled"])
-    assert sorted(ids(data, "test")) == sorted(f"case{c}" for c in
-                                               "0001 0002 0003 0004 0008 0022 0025 0029 0032 0035 0036 0038".split())
+    assert sorted(ids(data, "test")) == sorted(
+        f"case{c}" for c in "0001 0002 0003 0004 0008 0022 0025 0029 0032 0035 0036 0038".split()
+    )
     assert str(root / "img" / "img0001.nii.gz") in [e["image"] for e in data["test"]]
     assert data["modality"] == "CT" and data["intensity_window"] == [-125, 275]
     assert len(data["labels"]) == 9 and data["labels"]["5"] == "liver" and data["labels"]["8"] == "pancreas"
@@ -325,8 +370,18 @@ def test_build_folder_id_lists_and_file(folder, tmp_path):
     images, labels = folder
     id_file = tmp_path / "labeled.txt"
     id_file.write_text("c3\n# a comment\n\nc1\n")
-    data = read_datalist(build_folder(images, labels, tmp_path / "f.json", labeled=str(id_file),
-                                      validation=["c0"], test=0, modality="CT", label_names=["bg", "a", "b"]))
+    data = read_datalist(
+        build_folder(
+            images,
+            labels,
+            tmp_path / "f.json",
+            labeled=str(id_file),
+            validation=["c0"],
+            test=0,
+            modality="CT",
+            label_names=["bg", "a", "b"],
+        )
+    )
     assert ids(data, "training") == ["c1", "c3"]
     assert ids(data, "validation") == ["c0"]
     assert ids(data, "unlabeled") == ["c2", "c4"] and "true_label" not in data["unlabeled"][1]

@@ -20,8 +20,13 @@ def _record(msg: str) -> str:
 
 
 def test_fresh_run_line_is_rewritten_and_real_resumes_are_kept():
-    assert _record("Engine run resuming from iteration 0, epoch 0 until 10 epochs") == "Engine run starting with max_epochs=10"
-    assert _record("Engine run resuming from iteration 0, epoch 1 until 2 epochs") == "Engine run starting (epoch 2 of 2)"
+    assert (
+        _record("Engine run resuming from iteration 0, epoch 0 until 10 epochs")
+        == "Engine run starting with max_epochs=10"
+    )
+    assert (
+        _record("Engine run resuming from iteration 0, epoch 1 until 2 epochs") == "Engine run starting (epoch 2 of 2)"
+    )
     kept = "Engine run resuming from iteration 150, epoch 1 until 10 epochs"
     assert _record(kept) == kept
 
@@ -46,7 +51,9 @@ def test_resumed_best_metric_restores_the_evaluators_record(tmp_path):
     label[..., :2, :] = 1
     data = [{"image": torch.ones(1, 1, 4, 4), "label": label}]
     evaluator = SupervisedEvaluator(
-        device="cpu", val_data_loader=data, network=net,
+        device="cpu",
+        val_data_loader=data,
+        network=net,
         postprocessing=lambda d: d,
         key_val_metric={"dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
     )

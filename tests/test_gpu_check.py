@@ -16,16 +16,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_times_registration_and_training_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--patch", "32", "--warmup", "1",
-           "--iterations", "1", "--pairs", "2", "--amp", "0", "--variants", "default", "ls", "--side_by_side", "2",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--patch",
+        "32",
+        "--warmup",
+        "1",
+        "--iterations",
+        "1",
+        "--pairs",
+        "2",
+        "--amp",
+        "0",
+        "--variants",
+        "default",
+        "ls",
+        "--side_by_side",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     (reg,) = report["registration"]  # on the CPU there is no second, CPU-side registration row
     assert reg["device"] == "cpu" and reg["pairs"] == 2 and reg["pairs_per_s"] > 0
     rows = report["training"]
-    assert [(r["variant"], r.get("side_by_side")) for r in rows] == [("default", None), ("ls", None), ("default", 2), ("default", 2)]
+    assert [(r["variant"], r.get("side_by_side")) for r in rows] == [
+        ("default", None),
+        ("ls", None),
+        ("default", 2),
+        ("default", 2),
+    ]
     for r in rows:
         assert r["amp"] == "0" and not r["amp_on"] and r["handlers"] and r["iterations"] == 1 and r["finite_losses"]
         assert r["it_per_s"] > 0 and math.isnan(r["peak_gpu_mb"])

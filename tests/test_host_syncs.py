@@ -31,15 +31,29 @@ def datalists(tmp_path_factory):
     return make_rsl_datalist(tmp_path_factory.mktemp("syncs"))
 
 
-def counted_iterations(run_dir, variant: str, datalists: dict, device: str, iterations: int = 6, counted=(4, 5)) -> HostSyncCounter:
-    configs = ["train.yaml"] + ([] if variant == "default" else [f"variants/{variant}.yaml"])
-    registered = variant in ("default", "cct_r")   # REPS needs the registration step's transforms
+def counted_iterations(
+    run_dir, variant: str, datalists: dict, device: str, iterations: int = 6, counted=(4, 5)
+) -> HostSyncCounter:
+    configs = ["train.yaml"] + ([] if variant == "default" else [f"variant_{variant}.yaml"])
+    registered = variant in ("default", "cct_r")  # REPS needs the registration step's transforms
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / f) for f in configs])
-    parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalists["plain" if registered else "rsl"],
-                   "num_iterations": iterations, "val_interval": iterations, "log_every": 3, "device": f"$torch.device('{device}')",
-                   "registration_workers": 1, "registration_torch_settings#iterations": [5, 3],
-                   "registration_torch_settings#num_points": 256, "cl_num_anchors": 50, "cl_num_negatives": 50})
+    parser.update(
+        {
+            **FAST,
+            "bundle_root": str(run_dir),
+            "datalist_file": datalists["plain" if registered else "rsl"],
+            "num_iterations": iterations,
+            "val_interval": iterations,
+            "log_every": 3,
+            "device": f"$torch.device('{device}')",
+            "registration_workers": 1,
+            "registration_torch_settings#iterations": [5, 3],
+            "registration_torch_settings#num_points": 256,
+            "cl_num_anchors": 50,
+            "cl_num_negatives": 50,
+        }
+    )
     counter = HostSyncCounter(where=True)
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -51,7 +65,7 @@ def counted_iterations(run_dir, variant: str, datalists: dict, device: str, iter
             if engine.state.iteration in counted:
                 counter.__enter__()
 
-        def end(engine):   # attached last: every handler of the iteration has run inside the count
+        def end(engine):  # attached last: every handler of the iteration has run inside the count
             if engine.state.iteration in counted:
                 counter.__exit__(None, None, None)
 
@@ -83,10 +97,15 @@ def test_the_counter_sees_each_kind_of_sync():
         y = x.clone()
         y[x > 4] = 0.0
     names = set(c.syncs)
-    assert {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::index (boolean mask)",
-            "aten::repeat_interleave (tensor repeats)"} <= names
+    assert {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::index (boolean mask)",
+        "aten::repeat_interleave (tensor repeats)",
+    } <= names
     assert any("unique" in n for n in names) and any(n.startswith("aten::index_put") for n in names)
-    with HostSyncCounter() as quiet:   # fixed-size, masked work is not a sync
+    with HostSyncCounter() as quiet:  # fixed-size, masked work is not a sync
         torch.where(x > 2, x, 0.0).sum()
         torch.topk(x, 3).indices
         x.repeat_interleave(2)

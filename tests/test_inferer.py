@@ -33,7 +33,9 @@ def test_output_keeps_input_shape_and_slices(spacing, axis):
     assert out.shape == (1, 2, *shape[2:])
     assert isinstance(out, MetaTensor)
     for s in range(4):
-        torch.testing.assert_close(out[:, 1].select(1 + axis, s), torch.full_like(out[:, 1].select(1 + axis, s), s + 1.0))
+        torch.testing.assert_close(
+            out[:, 1].select(1 + axis, s), torch.full_like(out[:, 1].select(1 + axis, s), s + 1.0)
+        )
     # constant slices survive resize -> network -> resize back
     torch.testing.assert_close(out[:, 0], vol[:, 0])
 
@@ -70,7 +72,7 @@ def test_flip_tta_is_refused_for_a_model_trained_without_flips():
     from scripts.training.model_config import ModelConfigError, checked_flip_tta
 
     assert checked_flip_tta({"flip_augmentation": True}, True) is True
-    assert checked_flip_tta({}, True) is True   # descriptions before 0.4.2: trained with flips
+    assert checked_flip_tta({}, True) is True  # descriptions before 0.4.2: trained with flips
     assert checked_flip_tta({"flip_augmentation": False}, False) is False
     with pytest.raises(ModelConfigError, match="without mirror flips"):
         checked_flip_tta({"flip_augmentation": False}, True)
@@ -94,11 +96,14 @@ def test_evaluation_inputs_pair_images_and_labels_in_one_folder(tmp_path):
     from scripts.inference.inference_inputs import collect_labeled_inputs
 
     rng = np.random.default_rng(0)
-    for name in ("a", "a_gt", "b", "b_seg"):   # images hold anatomy (a constant image is refused), labels may be empty
+    for name in ("a", "a_gt", "b", "b_seg"):  # images hold anatomy (a constant image is refused), labels may be empty
         data = rng.random((6, 6, 3)).astype(np.float32) if "_" not in name else np.zeros((6, 6, 3), np.uint8)
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
     items = collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))
-    assert [(p["image"].split("/")[-1], p["label"].split("/")[-1]) for p in items] == [("a.nii.gz", "a_gt.nii.gz"), ("b.nii.gz", "b_seg.nii.gz")]
+    assert [(p["image"].split("/")[-1], p["label"].split("/")[-1]) for p in items] == [
+        ("a.nii.gz", "a_gt.nii.gz"),
+        ("b.nii.gz", "b_seg.nii.gz"),
+    ]
     nib.save(nib.Nifti1Image(rng.random((6, 6, 3)).astype(np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
     with pytest.raises(DataCheckError, match="c.nii.gz: no label for this image"):
         collect_labeled_inputs(image_dir=str(tmp_path), label_dir=str(tmp_path))

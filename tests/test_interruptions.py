@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +21,21 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> str:
-    return ensure_phantom_dataset(tmp_path_factory.mktemp("ph"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=4)
+    return ensure_phantom_dataset(
+        tmp_path_factory.mktemp("ph"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=4
+    )
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env,
-                            stdout=open(log.with_suffix(".out"), "w"), stderr=open(log, "w"), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log.with_suffix(".out"), "w"),
+        stderr=open(log, "w"),
+        start_new_session=True,
+    )
 
 
 def _wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
@@ -64,8 +73,22 @@ def _alive(pid: int) -> bool:
 
 
 def _training(run_dir: Path, phantom: str, *extra: str) -> list[str]:
-    return ["run", "training", "--config_file", LS, "--bundle_root", str(run_dir), "--datalist_file", phantom,
-            "--num_iterations", "60", "--val_interval", "25", *FAST, *extra]
+    return [
+        "run",
+        "training",
+        "--config_file",
+        LS,
+        "--bundle_root",
+        str(run_dir),
+        "--datalist_file",
+        phantom,
+        "--num_iterations",
+        "60",
+        "--val_interval",
+        "25",
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -77,15 +100,34 @@ def test_stop_signal_saves_state_at_the_iteration_and_resume_finishes(tmp_path, 
     proc.send_signal(signum)
     assert proc.wait(timeout=120) != 0
     text = log.read_text()
-    assert f"stopped: training stopped by {signal.Signals(signum).name} at iteration" in text and "Traceback" not in text
+    assert (
+        f"stopped: training stopped by {signal.Signals(signum).name} at iteration" in text and "Traceback" not in text
+    )
+    logs = log.with_suffix(".out").read_text()  # the logging handlers write to stdout (configs/logging.conf)
+    assert " - ERROR - " not in logs and "Traceback" not in logs  # the one line only (no engine error logs)
+    assert "Not all config files are in" not in logs  # the overlay sits beside train.yaml: no MONAI location warning
     iteration = int(text.split("at iteration ")[-1].split(";")[0])
     state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert state["trainer"]["iteration"] == iteration and 0 < iteration < 60
-    resumed = subprocess.run([sys.executable, "-m", "monai.bundle", *_training(tmp_path, phantom, "--val_interval", "40", "--resume", "true")],
-                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            *_training(tmp_path, phantom, "--val_interval", "40", "--resume", "true"),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f", iteration {iteration}" in resumed.stdout + resumed.stderr  # "resumed from ... at epoch E, iteration N"
+    shown = [int(n) for n in re.findall(r"\| *(\d+)/60 \[", resumed.stderr)]
+    assert (
+        shown and shown[0] >= iteration
+    )  # the resumed bar starts at the resumed iteration (its ETA: the rest of the run)
     final = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert final["trainer"]["iteration"] == 60 and final["lr_scheduler"]["last_epoch"] == 60
 
@@ -102,8 +144,23 @@ def test_no_data_loader_worker_outlives_a_killed_training(tmp_path, phantom):
 
 def test_no_registration_worker_outlives_a_killed_registration(tmp_path, phantom):
     log = tmp_path / "reg.log"
-    proc = _start(["run", "registration", "--config_file", "configs/registration.yaml", "--bundle_root", str(tmp_path),
-                   "--datalist_file", phantom, "--workers", "2", "--batch_size", "2"], log)
+    proc = _start(
+        [
+            "run",
+            "registration",
+            "--config_file",
+            "configs/registration.yaml",
+            "--bundle_root",
+            str(tmp_path),
+            "--datalist_file",
+            phantom,
+            "--workers",
+            "2",
+            "--batch_size",
+            "2",
+        ],
+        log,
+    )
     _wait_for(lambda: len(_children(proc.pid)) >= 2 and "pair" in log.read_text(), what="registration workers")
     workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
@@ -114,9 +171,18 @@ def test_no_registration_worker_outlives_a_killed_registration(tmp_path, phantom
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     from scripts.data.run_folders import OutputFolderError, lock_folder
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from scripts.data.run_folders import lock_folder; "
-                               f"lock_folder({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from scripts.data.run_folders import lock_folder; "
+            f"lock_folder({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(OutputFolderError, match=f"pid {holder.pid}"):
         lock_folder(tmp_path, "training run")
@@ -137,8 +203,10 @@ def test_handlers_never_swallow_a_training_error(tmp_path):
     def step(engine, batch):
         raise ValueError("boom")
 
-    for handler in (TrainStateCheckpoint(str(tmp_path / "state.pt"), {}),
-                    RunProgress(4, Engine(lambda e, b: None), None, 2, ["background", "a"], progress=False)):
+    for handler in (
+        TrainStateCheckpoint(str(tmp_path / "state.pt"), {}),
+        RunProgress(4, Engine(lambda e, b: None), None, 2, ["background", "a"], progress=False),
+    ):
         engine = Engine(step)
         handler.attach(engine)
         with pytest.raises(ValueError, match="boom"):

@@ -91,7 +91,9 @@ def test_dice_of_overlapping_cubes():
     assert not rows[0]["gt_empty"] and not rows[0]["pred_empty"]
 
 
-@pytest.mark.parametrize("axis, k, spacing", [(2, 1, (1.5, 1.5, 10.0)), (0, 3, (1.5, 2.0, 10.0)), (1, 2, (0.7, 1.25, 9.0))])
+@pytest.mark.parametrize(
+    "axis, k, spacing", [(2, 1, (1.5, 1.5, 10.0)), (0, 3, (1.5, 2.0, 10.0)), (1, 2, (0.7, 1.25, 9.0))]
+)
 def test_hd95_of_plate_shifted_by_k_voxels(axis, k, spacing):
     # A one-voxel-thick plate: every voxel is surface and its nearest voxel of the shifted plate
     # lies exactly k voxels away along the shift axis, so HD95 = k voxels = k * spacing[axis] mm.
@@ -108,11 +110,10 @@ def test_hd95_of_plate_shifted_by_k_voxels(axis, k, spacing):
     assert row["dice"] == 0.0
 
 
-@pytest.mark.parametrize("seed, shape, spacing", [
-    (0, (14, 13, 6), (1.3, 1.7, 8.0)),
-    (1, (16, 15, 5), (1.5, 1.5, 10.0)),
-    (2, (20, 17), (0.9, 2.1)),
-])
+@pytest.mark.parametrize(
+    "seed, shape, spacing",
+    [(0, (14, 13, 6), (1.3, 1.7, 8.0)), (1, (16, 15, 5), (1.5, 1.5, 10.0)), (2, (20, 17), (0.9, 2.1))],
+)
 def test_hd95_matches_medpy_transcription(seed, shape, spacing):
     rng = np.random.default_rng(seed)
     pred, label = _blobs(rng, shape, 0.55), _blobs(rng, shape, 0.45)  # touch the array border too
@@ -130,10 +131,15 @@ def test_hd95_is_union_percentile_not_monai_max_of_directed():
     shape, spacing = (20, 18, 6), (1.3, 1.7, 8.0)
     pred, label = _blobs(rng, shape, 0.5), _blobs(rng, shape, 0.4)
     ours = hd95(pred, label, spacing)
-    monai_value = float(compute_hausdorff_distance(
-        torch.as_tensor(pred)[None, None].float(), torch.as_tensor(label)[None, None].float(),
-        include_background=True, percentile=95, spacing=spacing,
-    ))
+    monai_value = float(
+        compute_hausdorff_distance(
+            torch.as_tensor(pred)[None, None].float(),
+            torch.as_tensor(label)[None, None].float(),
+            include_background=True,
+            percentile=95,
+            spacing=spacing,
+        )
+    )
     assert ours == pytest.approx(_medpy_hd95(pred, label, spacing), rel=1e-5)
     assert monai_value > ours + 0.1
 
@@ -147,8 +153,16 @@ def test_empty_rule():
     rows = {r["class"]: r for r in case_metrics(pred, label, spacing, [1, 2, 3])}
     diag_mm = math.sqrt((6 * 1.5) ** 2 + (8 * 2.0) ** 2 + (4 * 10.0) ** 2)
     diag_vox = math.sqrt(6**2 + 8**2 + 4**2)
-    assert rows[3] == {"class": 3, "dice": 1.0, "hd95_mm": 0.0, "hd95_vox": 0.0, "hd95_mm_ssl4mis": 0.0, "hd95_vox_ssl4mis": 0.0,
-                       "gt_empty": True, "pred_empty": True}
+    assert rows[3] == {
+        "class": 3,
+        "dice": 1.0,
+        "hd95_mm": 0.0,
+        "hd95_vox": 0.0,
+        "hd95_mm_ssl4mis": 0.0,
+        "hd95_vox_ssl4mis": 0.0,
+        "gt_empty": True,
+        "pred_empty": True,
+    }
     for c, gt_empty, pred_empty in ((1, False, True), (2, True, False)):
         assert rows[c]["dice"] == 0.0
         assert rows[c]["hd95_mm"] == pytest.approx(diag_mm)
@@ -178,11 +192,23 @@ def test_case_metrics_rejects_bad_input():
 
 def _rows():
     def row(case, c, dice, mm, vox, gt_empty=False, pred_empty=False):
-        return {"case": case, "class": c, "dice": dice, "hd95_mm": mm, "hd95_vox": vox, "hd95_mm_ssl4mis": 0.0 if pred_empty else mm,
-                "hd95_vox_ssl4mis": 0.0 if pred_empty else vox, "gt_empty": gt_empty, "pred_empty": pred_empty}
+        return {
+            "case": case,
+            "class": c,
+            "dice": dice,
+            "hd95_mm": mm,
+            "hd95_vox": vox,
+            "hd95_mm_ssl4mis": 0.0 if pred_empty else mm,
+            "hd95_vox_ssl4mis": 0.0 if pred_empty else vox,
+            "gt_empty": gt_empty,
+            "pred_empty": pred_empty,
+        }
+
     return [
-        row("a", 1, 0.5, 2.0, 1.0), row("a", 3, 1.0, 4.0, 2.0),
-        row("b", 1, 1.0, 6.0, 3.0), row("b", 3, 0.0, 8.0, 4.0, pred_empty=True),
+        row("a", 1, 0.5, 2.0, 1.0),
+        row("a", 3, 1.0, 4.0, 2.0),
+        row("b", 1, 1.0, 6.0, 3.0),
+        row("b", 3, 0.0, 8.0, 4.0, pred_empty=True),
     ]
 
 
@@ -213,11 +239,25 @@ def test_summarize_per_class_and_case_mean():
 def test_write_reports_content(tmp_path):
     paths = write_reports(_rows(), tmp_path / "out", NAMES, prefix="val")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "val_per_case.csv", "val_summary.csv", "val_summary.md"]
+        "val_per_case.csv",
+        "val_summary.csv",
+        "val_summary.md",
+    ]
     with open(paths["per_case"], newline="") as f:
         per_case = list(csv.DictReader(f))
-    assert list(per_case[0]) == ["case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis",
-                                 "gt_empty", "pred_empty", "no_prediction"]
+    assert list(per_case[0]) == [
+        "case",
+        "class",
+        "class_name",
+        "dice",
+        "hd95_mm",
+        "hd95_vox",
+        "hd95_mm_ssl4mis",
+        "hd95_vox_ssl4mis",
+        "gt_empty",
+        "pred_empty",
+        "no_prediction",
+    ]
     assert len(per_case) == 4
     assert per_case[3]["case"] == "b" and per_case[3]["class_name"] == "LV"
     assert float(per_case[3]["hd95_mm"]) == 8.0 and per_case[3]["pred_empty"] == "True"
@@ -238,13 +278,14 @@ def test_write_reports_content(tmp_path):
 # Evaluator handler
 # ---------------------------------------------------------------------------------------------
 
-AFFINE = torch.tensor([[0.0, -2.0, 0.0, 5.0], [1.5, 0.0, 0.0, -3.0], [0.0, 0.0, 8.0, 1.0], [0, 0, 0, 1.0]],
-                      dtype=torch.float64)  # spacing (1.5, 2.0, 8.0), axes permuted/flipped
+AFFINE = torch.tensor(
+    [[0.0, -2.0, 0.0, 5.0], [1.5, 0.0, 0.0, -3.0], [0.0, 0.0, 8.0, 1.0], [0, 0, 0, 1.0]], dtype=torch.float64
+)  # spacing (1.5, 2.0, 8.0), axes permuted/flipped
 
 
 def _label_volume(offset: int) -> torch.Tensor:
     lab = torch.zeros(1, 10, 9, 4)
-    lab[0, 2 + offset:6 + offset, 2:6, 1:3] = 3
+    lab[0, 2 + offset : 6 + offset, 2:6, 1:3] = 3
     lab[0, 1:3, 1:4, 0:2] = 1
     lab[0, 6:8, 5:8, 2:4] = 2
     return lab
@@ -277,8 +318,11 @@ def _run_evaluator(tmp_path, one_hot: bool, with_ids: bool):
         data.append(item)
     report = SegmentationReport(tmp_path, NAMES, prefix="val")
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=DataLoader(Dataset(data), batch_size=2),
-        network=_ShiftNet(one_hot), inferer=SimpleInferer(), val_handlers=[report],
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(data), batch_size=2),
+        network=_ShiftNet(one_hot),
+        inferer=SimpleInferer(),
+        val_handlers=[report],
     )
     evaluator.run()
     return report, evaluator, data
@@ -348,8 +392,11 @@ def test_evaluate_files(tmp_path):
     assert rows == [{"case": "p1_gt", **r, "no_prediction": False} for r in expected]
     # spacing comes from the (permuted-axes) header: the wrong spacing would change HD95 in mm
     assert rows[0]["hd95_mm"] != pytest.approx(case_metrics(pred // 20, label // 20, (1, 1, 1), [1])[0]["hd95_mm"])
-    rows = evaluate_files([{"id": "x", "seg": str(tmp_path / "p1_pred.nii.gz"),
-                            "label": str(tmp_path / "p1_gt.nii.gz")}], pred_key="seg", class_ids=[20])
+    rows = evaluate_files(
+        [{"id": "x", "seg": str(tmp_path / "p1_pred.nii.gz"), "label": str(tmp_path / "p1_gt.nii.gz")}],
+        pred_key="seg",
+        class_ids=[20],
+    )
     assert rows[0]["case"] == "x" and rows[0]["dice"] == pytest.approx(expected[0]["dice"])
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 from monai.transforms import LoadImaged, SaveImaged
 
@@ -21,8 +21,16 @@ def test_prediction_keeps_input_header_codes(tmp_path, qform, sform):
     nib.save(src, str(path))
     data = LoadImaged(keys="image", image_only=True, ensure_channel_first=True)({"image": str(path)})
     out = tmp_path / "out"
-    SaveImaged(keys="image", output_dir=str(out), output_postfix="seg", resample=False, separate_folder=False,
-               writer=AtomicNibabelWriter, print_log=False, output_dtype=np.uint8)(data)
+    SaveImaged(
+        keys="image",
+        output_dir=str(out),
+        output_postfix="seg",
+        resample=False,
+        separate_folder=False,
+        writer=AtomicNibabelWriter,
+        print_log=False,
+        output_dtype=np.uint8,
+    )(data)
     pred = nib.load(out / "vol_seg.nii.gz")
     assert (int(pred.header["qform_code"]), int(pred.header["sform_code"])) == (qform, sform)
     np.testing.assert_allclose(pred.affine, nib.load(str(path)).affine, atol=1e-4)

@@ -13,14 +13,17 @@ from scripts.registration.baseline import run_baseline
 
 def _label(path, shift=0):
     label = np.zeros((12, 12, 4), np.uint8)
-    label[3 + shift:8 + shift, 3:8] = 1
+    label[3 + shift : 8 + shift, 3:8] = 1
     save_nifti(label, np.diag([1.0, 1.0, 3.0, 1.0]), path, dtype=np.uint8)
     return str(path)
 
 
 def test_missing_prediction_scores_zero_and_is_named(tmp_path):
     good = _label(tmp_path / "a.nii.gz")
-    cases = [{"id": "a", "pred": good, "label": good}, {"id": "b", "pred": None, "label": _label(tmp_path / "b.nii.gz")}]
+    cases = [
+        {"id": "a", "pred": good, "label": good},
+        {"id": "b", "pred": None, "label": _label(tmp_path / "b.nii.gz")},
+    ]
     rows = evaluate_files(cases, class_ids=[1])
     assert [(r["case"], r["dice"], r["no_prediction"]) for r in rows] == [("a", 1.0, False), ("b", 0.0, True)]
     mean = summarize(rows, {1: "fg"})[-1]
@@ -42,8 +45,9 @@ class _EmptyTable:
 def test_registration_baseline_counts_a_volume_without_partner(tmp_path):
     labeled = [{"id": "L", "image": "unused", "label": _label(tmp_path / "L.nii.gz")}]
     evaluation = [{"id": "v", "image": "unused", "label": _label(tmp_path / "v.nii.gz", shift=1)}]
-    result = run_baseline(_EmptyTable(), labeled, evaluation, _NoPartners(), tmp_path / "baseline", top_k=1,
-                          class_names={1: "fg"})
+    result = run_baseline(
+        _EmptyTable(), labeled, evaluation, _NoPartners(), tmp_path / "baseline", top_k=1, class_names={1: "fg"}
+    )
     for method in ("first", "brs"):
         assert result[method]["cases"] == 1 and result[method]["mean_dice"] == 0.0
         assert result[method]["no_prediction"] == ["v"]

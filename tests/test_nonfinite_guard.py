@@ -35,14 +35,24 @@ def test_cross_teaching_stops_at_the_nan_batch_without_updating():
     torch.manual_seed(1)
     net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
     trainer = CrossTeachingTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[good, bad, good], epoch_length=3,
-        net_a=net_a, optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.1),
-        net_b=net_b, optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.1),
-        supervised_loss=LOSS, consistency="cross_teaching", consistency_weight=0.1, rsl_weight=0.0,
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[good, bad, good],
+        epoch_length=3,
+        net_a=net_a,
+        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.1),
+        net_b=net_b,
+        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.1),
+        supervised_loss=LOSS,
+        consistency="cross_teaching",
+        consistency_weight=0.1,
+        rsl_weight=0.0,
         train_handlers=[NonFiniteLossGuard(state_path="models/train_state.pt")],
     )
     after_first = {}
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: after_first.setdefault("a", copy.deepcopy(net_a.state_dict())))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: after_first.setdefault("a", copy.deepcopy(net_a.state_dict()))
+    )
     with pytest.raises(NonFiniteLossError) as err:
         trainer.run()
     message = str(err.value)
@@ -57,9 +67,16 @@ def test_supervised_trainer_is_guarded_too():
     g = torch.Generator().manual_seed(0)
     net = nn.Conv2d(1, 3, 3, padding=1)
     data = [_part(["a", "b"], False, g), _part(["c", "d"], True, g)]
-    trainer = SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=data, epoch_length=2, network=net,
-                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=LOSS,
-                                train_handlers=[NonFiniteLossGuard()])
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=data,
+        epoch_length=2,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=LOSS,
+        train_handlers=[NonFiniteLossGuard()],
+    )
     with pytest.raises(NonFiniteLossError, match=r"\['c', 'd'\]"):
         trainer.run()
     assert all(torch.isfinite(p).all() for p in net.parameters())

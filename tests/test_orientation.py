@@ -25,7 +25,7 @@ from scripts.data.orientation import checked_orientation, model_orientation, ori
 from scripts.data.phantom import ensure_phantom_dataset
 from scripts.inference.inference_inputs import collect_inputs, collect_labeled_inputs
 from scripts.training.model_config import build_model, write_model_config
-from tests.cross_teaching_fixtures import ROOT, run_bundle, run_trainer
+from tests.cross_teaching_fixtures import ROOT, run_bundle
 
 #: storage orientations of the same physical volume: the phantom's own (oblique, closest to LIP), axes
 #: permuted, each in-plane axis mirrored, and the two DICOM-style ones
@@ -55,10 +55,23 @@ def random_model(bundle_root: Path, classes: list[str], flips: bool, orientation
     """A randomly initialised U-Net with its description: predictions depend on what it sees, pixel by pixel."""
     config = {
         "variant": "ls",
-        "networks": {"a": {"type": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": len(classes),
-                           "features": [8, 8, 16, 16, 32, 8], "dropout": 0.0}},
-        "branch": "mean", "patch_size": [32, 32], "slice_axis": "auto", "class_names": classes,
-        "intensity": intensity, "label_mapping": None, "flip_augmentation": flips,
+        "networks": {
+            "a": {
+                "type": "BasicUNet",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "out_channels": len(classes),
+                "features": [8, 8, 16, 16, 32, 8],
+                "dropout": 0.0,
+            }
+        },
+        "branch": "mean",
+        "patch_size": [32, 32],
+        "slice_axis": "auto",
+        "class_names": classes,
+        "intensity": intensity,
+        "label_mapping": None,
+        "flip_augmentation": flips,
     }
     if orientation != "absent":
         config["orientation"] = orientation
@@ -74,7 +87,16 @@ def segment_all_orientations(tmp_path: Path, image: Path, bundle_root: Path, dat
     for codes in ORIENTATIONS:
         store_as(image, inputs / f"case_{codes}.nii.gz", codes)
     out = tmp_path / "out"
-    run_bundle(bundle_root, ["inference.yaml"], datalist, "--input_dir", str(inputs), "--output_dir", str(out), run_id="inference")
+    run_bundle(
+        bundle_root,
+        ["inference.yaml"],
+        datalist,
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+        run_id="inference",
+    )
     preds = {}
     for codes in ORIENTATIONS:
         pred = out / f"case_{codes}_seg.nii.gz"
@@ -87,24 +109,36 @@ def segment_all_orientations(tmp_path: Path, image: Path, bundle_root: Path, dat
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> str:
-    return ensure_phantom_dataset(tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=1, seed=3)
+    return ensure_phantom_dataset(
+        tmp_path_factory.mktemp("phantom"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=1, seed=3
+    )
 
 
 def _entries(datalist: str, section: str) -> list[dict]:
     data = json.loads(Path(datalist).read_text())
-    return [{k: (str(Path(datalist).parent / v) if k in ("image", "label", "true_label") else v) for k, v in e.items()}
-            for e in data[section]]
+    return [
+        {k: (str(Path(datalist).parent / v) if k in ("image", "label", "true_label") else v) for k, v in e.items()}
+        for e in data[section]
+    ]
 
 
 def test_checked_orientation_and_geometry_match_monai(tmp_path, phantom):
-    assert checked_orientation("ras") == "RAS" and checked_orientation(None) is None and checked_orientation("null") is None
+    assert (
+        checked_orientation("ras") == "RAS"
+        and checked_orientation(None) is None
+        and checked_orientation("null") is None
+    )
     with pytest.raises(ValueError, match="one of L/R"):
         checked_orientation("RRS")
-    assert model_orientation({}) is None and model_orientation({"orientation": "LPS"}) == "LPS"  # older models: stored order
+    assert (
+        model_orientation({}) is None and model_orientation({"orientation": "LPS"}) == "LPS"
+    )  # older models: stored order
     image = _entries(phantom, "training")[0]["image"]
     for codes in ORIENTATIONS:
         path = store_as(image, tmp_path / f"{codes}.nii.gz", codes)
-        loaded = Compose([LoadImaged("image", image_only=True, ensure_channel_first=True), orientation_transform("image", "RAS")])({"image": str(path)})["image"]
+        loaded = Compose(
+            [LoadImaged("image", image_only=True, ensure_channel_first=True), orientation_transform("image", "RAS")]
+        )({"image": str(path)})["image"]
         header = nib.load(str(path))
         affine, shape = oriented_geometry(header.affine, header.shape, "RAS")
         assert tuple(loaded.shape[1:]) == shape and nib.aff2axcodes(affine) == ("R", "A", "S")
@@ -115,12 +149,20 @@ def test_checked_orientation_and_geometry_match_monai(tmp_path, phantom):
 def test_cardiac_model_segments_every_storage_order_identically(tmp_path, phantom):
     image = Path(_entries(phantom, "test")[0]["image"])
     root = tmp_path / "bundle"
-    random_model(root, ["background", "RV", "myocardium", "LV"], True, "RAS", {"type": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0})
+    random_model(
+        root,
+        ["background", "RV", "myocardium", "LV"],
+        True,
+        "RAS",
+        {"type": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
+    )
     preds = segment_all_orientations(tmp_path / "ras", image, root, phantom)
     reference = preds["RAS"]
     assert len(np.unique(reference)) > 1  # the model predicts something orientation-dependent
     for codes, pred in preds.items():
-        assert np.array_equal(pred, reference), f"stored as {codes}: {np.mean(pred != reference):.2%} of the voxels differ"
+        assert np.array_equal(pred, reference), (
+            f"stored as {codes}: {np.mean(pred != reference):.2%} of the voxels differ"
+        )
 
 
 def test_ct_model_keeps_left_and_right_organs_on_their_side(tmp_path):
@@ -130,8 +172,26 @@ def test_ct_model_keeps_left_and_right_organs_on_their_side(tmp_path):
     datalist = ensure_ct_phantom_dataset(tmp_path / "ct", n_labeled=1, n_unlabeled=0, n_validation=1, n_test=0)
     entry = _entries(datalist, "validation")[0]
     image = Path(entry["image"])
-    classes = ["background", "spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]
-    window = {"type": "ScaleIntensityRanged", "keys": "image", "a_min": -125.0, "a_max": 275.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    classes = [
+        "background",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
+    ]
+    window = {
+        "type": "ScaleIntensityRanged",
+        "keys": "image",
+        "a_min": -125.0,
+        "a_max": 275.0,
+        "b_min": 0.0,
+        "b_max": 1.0,
+        "clip": True,
+    }
     root = tmp_path / "bundle"
     random_model(root, classes, False, "RAS", window)
     preds = segment_all_orientations(tmp_path / "ras", image, root, datalist)
@@ -166,9 +226,7 @@ def _mixed_copy(datalist: str, root: Path) -> str:
 
 def _losses(run_dir: Path, configs: list[str], datalist: str, **overrides) -> list[float]:
     from ignite.engine import Events
-
     from monai.bundle import ConfigParser
-
     from monai.utils import set_determinism
 
     from scripts.training.tracking import train_loss
@@ -177,8 +235,17 @@ def _losses(run_dir: Path, configs: list[str], datalist: str, **overrides) -> li
     parser.read_config([str(ROOT / "configs" / f) for f in configs])
     from tests.cross_teaching_fixtures import FAST
 
-    parser.update({**FAST, "bundle_root": str(run_dir), "datalist_file": datalist, "num_iterations": 3, "val_interval": 3,
-                   "monitor_max_volumes": 0, **overrides})
+    parser.update(
+        {
+            **FAST,
+            "bundle_root": str(run_dir),
+            "datalist_file": datalist,
+            "num_iterations": 3,
+            "val_interval": 3,
+            "monitor_max_volumes": 0,
+            **overrides,
+        }
+    )
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -192,10 +259,13 @@ def _losses(run_dir: Path, configs: list[str], datalist: str, **overrides) -> li
     return losses
 
 
-@pytest.mark.parametrize("configs,overrides", [
-    (["train.yaml", "variants/ls.yaml"], {}),
-    (["train.yaml", "variants/cts.yaml"], {"rsl_weight": 1.0}),   # two networks, cross teaching and RSL labels
-])
+@pytest.mark.parametrize(
+    "configs,overrides",
+    [
+        (["train.yaml", "variant_ls.yaml"], {}),
+        (["train.yaml", "variant_cts.yaml"], {"rsl_weight": 1.0}),  # two networks, cross teaching and RSL labels
+    ],
+)
 def test_a_training_set_of_mixed_orientations_trains_as_a_consistent_one(tmp_path, configs, overrides):
     from tests.cross_teaching_fixtures import make_rsl_datalist
 
@@ -215,8 +285,12 @@ def test_reps_correspondence_is_exact_for_a_reoriented_volume(tmp_path, phantom)
     image = _entries(phantom, "training")[0]["image"]
     stored = {"v0": nib.load(image), "v1": nib.load(str(store_as(image, tmp_path / "v1.nii.gz", "LPS")))}
     geometry = {k: oriented_geometry(v.affine, v.shape, "RAS") for k, v in stored.items()}
-    corr = RegisteredCorrespondence(["v0", "v1"], [geometry[k][0] for k in ("v0", "v1")], [geometry[k][1] for k in ("v0", "v1")],
-                                    {("v0", "v1"): np.eye(4)})
+    corr = RegisteredCorrespondence(
+        ["v0", "v1"],
+        [geometry[k][0] for k in ("v0", "v1")],
+        [geometry[k][1] for k in ("v0", "v1")],
+        {("v0", "v1"): np.eye(4)},
+    )
     uv = torch.tensor([[3.0, 5.0], [20.0, 7.5], [40.0, 2.0]])
     z = torch.tensor([1, 4, 6])
     slice_j, uv_j, ok = corr.map_slice_points(torch.zeros(3, dtype=torch.long), z, uv)
@@ -224,8 +298,12 @@ def test_reps_correspondence_is_exact_for_a_reoriented_volume(tmp_path, phantom)
     assert torch.equal(slice_j[:, 1], z)
     torch.testing.assert_close(uv_j[:, 1], uv.double(), atol=1e-4, rtol=0)  # the affines are stored as float32
     # in stored voxel coordinates (no reorientation) the same points land mirrored: the networks' frame matters
-    raw = RegisteredCorrespondence(["v0", "v1"], [stored[k].affine for k in ("v0", "v1")], [stored[k].shape for k in ("v0", "v1")],
-                                   {("v0", "v1"): np.eye(4)})
+    raw = RegisteredCorrespondence(
+        ["v0", "v1"],
+        [stored[k].affine for k in ("v0", "v1")],
+        [stored[k].shape for k in ("v0", "v1")],
+        {("v0", "v1"): np.eye(4)},
+    )
     _, uv_raw, _ = raw.map_slice_points(torch.zeros(3, dtype=torch.long), z, uv)
     assert (uv_raw[:, 1] - uv.double()).abs().max() > 1.0
 
@@ -261,8 +339,23 @@ def test_constant_volumes_are_refused_in_data_check_inference_and_evaluation(tmp
     assert len(err.value.problems) == 1
     # CT: a volume entirely below the HU window is constant after the normalisation
     air = tmp_path / "air.nii.gz"
-    save_nifti(np.random.default_rng(0).integers(-1024, -900, (20, 18, 5)).astype(np.int16), np.diag([1.5, 1.5, 8.0, 1.0]), air, dtype=np.int16)
-    window = {"type": "ScaleIntensityRanged", "keys": "image", "a_min": -125.0, "a_max": 275.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    save_nifti(
+        np.random.default_rng(0).integers(-1024, -900, (20, 18, 5)).astype(np.int16),
+        np.diag([1.5, 1.5, 8.0, 1.0]),
+        air,
+        dtype=np.int16,
+    )
+    window = {
+        "type": "ScaleIntensityRanged",
+        "keys": "image",
+        "a_min": -125.0,
+        "a_max": 275.0,
+        "b_min": 0.0,
+        "b_max": 1.0,
+        "clip": True,
+    }
     check_image_file(air)  # not constant as stored
-    with pytest.raises(DataCheckError, match=r"air\.nii\.gz: image is constant after the intensity window \[-125, 275\]"):
+    with pytest.raises(
+        DataCheckError, match=r"air\.nii\.gz: image is constant after the intensity window \[-125, 275\]"
+    ):
         collect_inputs([str(air)], intensity=window)

@@ -96,9 +96,11 @@ def test_true_transform_maps_lv_centroid():
     axes = grid[:3, :3] / np.linalg.norm(grid[:3, :3], axis=0)
     # Rotate 10 degrees about the slice axis through the field-of-view centre, then shift a few mm.
     angle = np.deg2rad(10.0)
-    rotation = axes @ np.array(
-        [[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]]
-    ) @ axes.T
+    rotation = (
+        axes
+        @ np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+        @ axes.T
+    )
     centre = grid[:3, :3] @ ((np.array(subject.shape) - 1) / 2) + grid[:3, 3]
     world_map = np.eye(4)
     world_map[:3, :3] = rotation
@@ -149,7 +151,13 @@ def test_dataset_datalist_sections_ids_and_files(small_dataset):
     record = json.loads((root / "phantom.json").read_text())
     assert record["seed"] == SMALL["seed"] and record["version"] == phantom.PHANTOM_VERSION
     assert sorted(record["subjects"]) == ids
-    assert set(record["subjects"]["phantom_000"]) >= {"canonical_to_world", "grid_affine", "shape", "anatomy", "appearance"}
+    assert set(record["subjects"]["phantom_000"]) >= {
+        "canonical_to_world",
+        "grid_affine",
+        "shape",
+        "anatomy",
+        "appearance",
+    }
 
 
 def test_nifti_on_disk_matches_subject_geometry_and_render(small_dataset):
@@ -244,8 +252,21 @@ def test_refuses_foreign_folder_and_bad_counts(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_command_line_generates_dataset(tmp_path, monkeypatch, capsys):
     root = tmp_path / "cli"
-    argv = ["phantom", "--root", str(root), "--seed", "4", "--n_labeled", "1", "--n_unlabeled", "0",
-            "--n_validation", "0", "--n_test", "0"]
+    argv = [
+        "phantom",
+        "--root",
+        str(root),
+        "--seed",
+        "4",
+        "--n_labeled",
+        "1",
+        "--n_unlabeled",
+        "0",
+        "--n_validation",
+        "0",
+        "--n_test",
+        "0",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_module("scripts.data.phantom", run_name="__main__")  # what `python -m scripts.data.phantom ...` runs
     assert str(root / "datalist.json") in capsys.readouterr().out

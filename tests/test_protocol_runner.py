@@ -17,7 +17,11 @@ import protocol  # noqa: E402
 
 
 def _result(variant, seed, rv, lv):
-    metrics = {"RV": {"dice": rv}, "LV": {"dice": lv}, "mean": {"dice": (rv + lv) / 2, "hd95_mm": 5.0, "hd95_mm_ssl4mis": 4.0}}
+    metrics = {
+        "RV": {"dice": rv},
+        "LV": {"dice": lv},
+        "mean": {"dice": (rv + lv) / 2, "hd95_mm": 5.0, "hd95_mm_ssl4mis": 4.0},
+    }
     return {"variant": variant, "seed": seed, "metrics": metrics, "minutes": 1.0}
 
 
@@ -37,26 +41,51 @@ def test_table_gives_mean_and_population_std_per_variant_and_every_run(tmp_path)
 def test_table_states_the_settings_the_runs_were_given(tmp_path):
     """The preset's iterations can be overridden (--set): the header must say what actually ran."""
     runs = [protocol.Run("rank", [], 1, tmp_path / "rank_s1")]
-    md, _ = protocol.table([], runs, "screen", "validation", {"num_iterations": "400", "patch_size": "[128,128]"},
-                           {"rank": {"rsl_reliability": "rank"}})
-    assert "Settings of every run: `num_iterations=400`, `patch_size=[128,128]`. Per variant: rank: `rsl_reliability=rank`." in md
+    md, _ = protocol.table(
+        [],
+        runs,
+        "screen",
+        "validation",
+        {"num_iterations": "400", "patch_size": "[128,128]"},
+        {"rank": {"rsl_reliability": "rank"}},
+    )
+    assert (
+        "Settings of every run: `num_iterations=400`, `patch_size=[128,128]`. Per variant: rank: `rsl_reliability=rank`."
+        in md
+    )
     md, _ = protocol.table([], runs, "screen", "validation")
     assert "Settings of every run" not in md
 
 
 def test_variant_parsing_refuses_unknown_overlays():
     assert protocol.parse_variant("cct-r=") == ("cct-r", [])
-    assert protocol.parse_variant("cts=variants/cts.yaml") == ("cts", ["variants/cts.yaml"])
+    assert protocol.parse_variant("cts=variant_cts.yaml") == ("cts", ["variant_cts.yaml"])
     with pytest.raises(SystemExit, match="does not exist"):
-        protocol.parse_variant("x=variants/nope.yaml")
+        protocol.parse_variant("x=variant_nope.yaml")
 
 
 def test_one_tiny_run_end_to_end_then_resume_skips_it(tmp_path, monkeypatch):
     data = ensure_phantom_dataset(tmp_path / "phantom", n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=3)
     out = tmp_path / "runs"
-    args = ["--datalist", str(data), "--variants", "ls=variants/ls.yaml", "--seeds", "7", "--preset", "screen", "--out", str(out),
-            "--set", "patch_size=[32,32]", "batch_size=4", "num_iterations=2", "val_interval=2", "num_workers=0",
-            "cache_num_workers=0"]
+    args = [
+        "--datalist",
+        str(data),
+        "--variants",
+        "ls=variant_ls.yaml",
+        "--seeds",
+        "7",
+        "--preset",
+        "screen",
+        "--out",
+        str(out),
+        "--set",
+        "patch_size=[32,32]",
+        "batch_size=4",
+        "num_iterations=2",
+        "val_interval=2",
+        "num_workers=0",
+        "cache_num_workers=0",
+    ]
     protocol.main(args)
     result = json.loads((out / "ls_s7" / "result.json").read_text())
     assert result["seed"] == 7 and 0.0 <= result["metrics"]["mean"]["dice"] <= 1.0
@@ -89,18 +118,48 @@ def test_acdc_label_splits_build_one_datalist_each_and_name_runs_by_split(tmp_pa
     executed = []
     monkeypatch.setattr(protocol, "execute", lambda run, dataset, section: executed.append(run))
     out = tmp_path / "runs"
-    protocol.main(["--acdc_root", str(tmp_path), "--labeled", "3", "--label_splits", "standard", "5", "--variants", "ls=variants/ls.yaml",
-                   "--seeds", "1", "2", "--out", str(out)])
+    protocol.main(
+        [
+            "--acdc_root",
+            str(tmp_path),
+            "--labeled",
+            "3",
+            "--label_splits",
+            "standard",
+            "5",
+            "--variants",
+            "ls=variant_ls.yaml",
+            "--seeds",
+            "1",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert built == [(3, None), (3, 5)]
     assert sorted(r.name for r in executed) == ["ls_5_s1", "ls_5_s2", "ls_standard_s1", "ls_standard_s2"]
     for r in executed:
         assert json.loads(Path(r.datalist).read_text())["labeled_seed"] == (None if r.split == "standard" else 5)
         assert r.folder == out / r.name
-    protocol.main(["--acdc_root", str(tmp_path), "--labeled", "3", "--label_splits", "standard", "--variants", "ls=variants/ls.yaml",
-                   "--seeds", "1", "--out", str(out)])
+    protocol.main(
+        [
+            "--acdc_root",
+            str(tmp_path),
+            "--labeled",
+            "3",
+            "--label_splits",
+            "standard",
+            "--variants",
+            "ls=variant_ls.yaml",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert built == [(3, None), (3, 5)]  # datalists are built once
     with pytest.raises(SystemExit, match="exactly one"):
-        protocol.main(["--variants", "ls=variants/ls.yaml", "--out", str(out)])
+        protocol.main(["--variants", "ls=variant_ls.yaml", "--out", str(out)])
 
 
 def test_table_over_splits_pools_seeds_and_splits():
@@ -113,7 +172,9 @@ def test_table_over_splits_pools_seeds_and_splits():
 
 def test_table_reports_each_network_of_two_network_models():
     r = dict(_result("cct-r", 1, 0.5, 0.7), branch_dice={"a": 0.65, "b": 0.4})
-    md, _ = protocol.table([r, _result("ls", 1, 0.5, 0.5)], [protocol.Run("cct-r", [], 1, Path("x"))], "full", "validation")
+    md, _ = protocol.table(
+        [r, _result("ls", 1, 0.5, 0.5)], [protocol.Run("cct-r", [], 1, Path("x"))], "full", "validation"
+    )
     assert "| cct-r_s1 | 60.0 | 65.0 | 40.0 |" in md and "| ls_s1 | 50.0 |" not in md.split("Each network alone")[1]
 
 
@@ -123,4 +184,6 @@ def test_evaluate_command_selects_the_branch(tmp_path):
     assert cmd[-2:] == ["--branch", "b"] and cmd[cmd.index("--output_dir") + 1].endswith("evaluation_validation_b")
     assert "--branch" not in protocol.evaluate_command(run, "dl.json", "validation")
     tta = protocol.evaluate_command(run, "dl.json", "validation", flip_tta=True)
-    assert tta[-2:] == ["--flip_tta", "true"] and tta[tta.index("--output_dir") + 1].endswith("evaluation_validation_tta")
+    assert tta[-2:] == ["--flip_tta", "true"] and tta[tta.index("--output_dir") + 1].endswith(
+        "evaluation_validation_tta"
+    )

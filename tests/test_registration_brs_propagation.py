@@ -36,11 +36,16 @@ def test_brs_prefers_the_consistent_round_trip(target):
     path, _ = target
     t = known_affine((0, 0, 6), (1.03, 0.98, 1.0), (4, -2, 1))
     bad = known_affine((0, 0, -3), (1.0, 1.0, 1.0), (6, 5, 0))
-    table = _table({
-        ("j", "good"): t, ("good", "j"): np.linalg.inv(t),
-        ("j", "poor"): t, ("poor", "j"): np.linalg.inv(t) @ bad,
-        ("j", "slight"): t, ("slight", "j"): np.linalg.inv(t) @ known_affine((0, 0, 1), (1, 1, 1), (1, 0, 0)),
-    })
+    table = _table(
+        {
+            ("j", "good"): t,
+            ("good", "j"): np.linalg.inv(t),
+            ("j", "poor"): t,
+            ("poor", "j"): np.linalg.inv(t) @ bad,
+            ("j", "slight"): t,
+            ("slight", "j"): np.linalg.inv(t) @ known_affine((0, 0, 1), (1, 1, 1), (1, 0, 0)),
+        }
+    )
     sel = BestRegistrationSelector(w_rmse=0.1, w_mi=1.0, spacing=5.0)
     ranked = sel.rank(table, "j", path, ["poor", "slight", "good", "missing"])
     assert [s.partner for s in ranked] == ["good", "slight", "poor", "missing"]
@@ -95,7 +100,8 @@ def test_propagate_labeld_caches_on_the_image_grid(tmp_path, target):
     assert _dice(np.asarray(loaded["registered_label"]), lab_j, 3) > 0.7
     with pytest.raises(PropagationError, match="no successful transform"):
         tr({"id": "j", "image": path, "partner": "q2"}) if False else PropagateLabeld(
-            "registered_label", table, {"q2": "x"}, tmp_path / "cache")({"id": "j", "image": path, "partner": "q2"})
+            "registered_label", table, {"q2": "x"}, tmp_path / "cache"
+        )({"id": "j", "image": path, "partner": "q2"})
 
 
 def test_majority_vote_breaks_ties_towards_the_first_map():
@@ -114,8 +120,11 @@ def test_usable_partners_drop_failed_pairs_and_keep_the_ranking_order():
 
     from scripts.registration.brs import BRSScore, usable
 
-    ranked = [BRSScore("t", "a", 0.5, 1.0, 0.1), BRSScore("t", "b", 0.9, 2.0, 0.1),
-              BRSScore("t", "c", math.inf, math.nan, math.nan)]
+    ranked = [
+        BRSScore("t", "a", 0.5, 1.0, 0.1),
+        BRSScore("t", "b", 0.9, 2.0, 0.1),
+        BRSScore("t", "c", math.inf, math.nan, math.nan),
+    ]
     assert [s.partner for s in usable(ranked)] == ["a", "b"]
     assert [s.partner for s in usable(ranked, 1)] == ["a"]
     assert usable(ranked[2:], 3) == []

@@ -67,7 +67,10 @@ def test_torch_batch_pairs_are_independent(tmp_path):
     [
         ("torch", dict(FAST_TORCH, deformable=True, field_iterations=30, field_spacing=(25.0, 25.0, 30.0))),
         ("sitk", dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15)),  # affine + B-spline (CT)
-        ("sitk", dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15, bspline_metric="meansquares")),
+        (
+            "sitk",
+            dict(FAST_SITK, bspline=True, bspline_spacing=40.0, bspline_iterations=15, bspline_metric="meansquares"),
+        ),
     ],
 )
 def test_deformable_exports_a_field_and_stays_accurate(tmp_path, engine, settings):
@@ -143,7 +146,9 @@ def test_torch_engine_device_choice_and_cpu_fallback(tmp_path, caplog):
     assert resolve_device("cpu").type == "cpu"
     settings = dict(FAST_TORCH, deformable=True, field_iterations=10, field_spacing=(25.0, 25.0, 30.0))
     cpu = make_engine("torch", device="cpu", **settings)
-    assert "device" not in cpu.settings() and cpu.settings() == make_engine("torch", device="auto", **settings).settings()
+    assert (
+        "device" not in cpu.settings() and cpu.settings() == make_engine("torch", device="auto", **settings).settings()
+    )
     if torch.cuda.is_available():
         pytest.skip("the CPU fallback is only reachable without a GPU (the CUDA comparison is the next test)")
     spec = _device_pair(tmp_path)
@@ -151,7 +156,11 @@ def test_torch_engine_device_choice_and_cpu_fallback(tmp_path, caplog):
         fallback = make_engine("torch", device="cuda", **settings)
     assert fallback.device.type == "cpu" and "CUDA is not available" in caplog.text
     (a,), (b,) = cpu.register_batch([spec]), fallback.register_batch([spec])
-    assert a.ok and np.array_equal(a.transform.matrix, b.transform.matrix) and np.array_equal(a.transform.field, b.transform.field)
+    assert (
+        a.ok
+        and np.array_equal(a.transform.matrix, b.transform.matrix)
+        and np.array_equal(a.transform.field, b.transform.field)
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")

@@ -84,8 +84,9 @@ def test_shrink_in_plane_keeps_world_positions_and_slices():
     assert small.shape == (6, 4, 4)
     # the world centre of a shrunk voxel is the mean of its block's centres; its value their mean
     block = np.array([[0, 2, 1], [1, 2, 1], [0, 3, 1], [1, 3, 1]], float)
-    np.testing.assert_allclose(apply_affine(small.affine, np.array([[0.0, 1.0, 1.0]]))[0],
-                               apply_affine(affine, block).mean(0), atol=1e-9)
+    np.testing.assert_allclose(
+        apply_affine(small.affine, np.array([[0.0, 1.0, 1.0]]))[0], apply_affine(affine, block).mean(0), atol=1e-9
+    )
     assert small.array[0, 1, 1] == pytest.approx(arr[0:2, 2:4, 1].mean(), rel=1e-6)
 
 

@@ -22,7 +22,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def datalist(tmp_path_factory) -> str:
-    return phantom.ensure_phantom_dataset(tmp_path_factory.mktemp("ph"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=5)
+    return phantom.ensure_phantom_dataset(
+        tmp_path_factory.mktemp("ph"), n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0, seed=5
+    )
 
 
 def _stage(datalist: str, root: Path, **kwargs) -> TrainingRegistration:
@@ -30,8 +32,16 @@ def _stage(datalist: str, root: Path, **kwargs) -> TrainingRegistration:
     parser.read_config(str(ROOT / "configs" / "train.yaml"))
     settings = {**parser.get_parsed_content("registration_torch_settings", instantiate=False), **FAST_SETTINGS}
     settings["deformable"] = False
-    defaults = dict(engine="torch", engine_settings=settings, workers=0, num_threads=1, num_classes=4,
-                    progress=False, evaluation_sections=[], montage=False)
+    defaults = dict(
+        engine="torch",
+        engine_settings=settings,
+        workers=0,
+        num_threads=1,
+        num_classes=4,
+        progress=False,
+        evaluation_sections=[],
+        montage=False,
+    )
     return TrainingRegistration(datalist, root, **{**defaults, **kwargs})
 
 
@@ -57,7 +67,9 @@ def test_train_yaml_and_registration_yaml_share_engine_settings():
     assert train.get_parsed_content("registration_torch_settings") == reg.get_parsed_content("torch_settings")
     sitk_train = train.get_parsed_content("registration_sitk_settings")
     sitk_reg = reg.get_parsed_content("sitk_settings")
-    assert {k: v for k, v in sitk_train.items() if k != "threads"} == {k: v for k, v in sitk_reg.items() if k != "threads"}
+    assert {k: v for k, v in sitk_train.items() if k != "threads"} == {
+        k: v for k, v in sitk_reg.items() if k != "threads"
+    }
     assert train.get_parsed_content("registration_brs") == reg.get_parsed_content("brs")
 
 
@@ -95,8 +107,15 @@ def test_folder_is_keyed_by_content_not_file_name(tmp_path, datalist):
 
 def test_a_killed_registration_resumes_with_the_pairs_it_had(tmp_path, datalist, monkeypatch):
     stage = _stage(datalist, tmp_path / "registration")
-    runner = RegistrationRunner(datalist, tmp_path / "registration", engine="torch", batch_size=3, progress=False,
-                                engine_settings=stage.runner_kwargs["engine_settings"], evaluation_sections=[])
+    runner = RegistrationRunner(
+        datalist,
+        tmp_path / "registration",
+        engine="torch",
+        batch_size=3,
+        progress=False,
+        engine_settings=stage.runner_kwargs["engine_settings"],
+        evaluation_sections=[],
+    )
     runner.register(max_batches=1)  # killed after one committed batch of 3 pairs
     calls = _count_registered_pairs(monkeypatch)
     assert Path(stage.datalist).exists() and Path(stage.registration_dir) == runner.output_dir
@@ -155,14 +174,16 @@ def test_rsl_partners_votes_the_k_best_partners_labels(tmp_path, monkeypatch):
 
     from scripts.registration.propagation import majority_vote
 
-    data = phantom.ensure_phantom_dataset(tmp_path / "ph3", n_labeled=3, n_unlabeled=2, n_validation=0, n_test=0, seed=7)
+    data = phantom.ensure_phantom_dataset(
+        tmp_path / "ph3", n_labeled=3, n_unlabeled=2, n_validation=0, n_test=0, seed=7
+    )
     calls = _count_registered_pairs(monkeypatch)
     single = _stage(data, tmp_path / "registration")
     assert Path(single.datalist).name == "rsl_datalist.json"
     stage = _stage(data, tmp_path / "registration", rsl_partners=3)
     out = Path(stage.datalist)
     assert out.name == "rsl_datalist_top3.json" and out.parent == Path(single.datalist).parent
-    assert calls == [2 * 3 * 2, 0]   # the vote reuses the pairs BRS registered
+    assert calls == [2 * 3 * 2, 0]  # the vote reuses the pairs BRS registered
     brs = json.loads((out.parent / "brs.json").read_text())
     best = {e["id"]: e for e in json.loads(Path(single.datalist).read_text())["unlabeled"]}
     changed = 0
@@ -170,15 +191,17 @@ def test_rsl_partners_votes_the_k_best_partners_labels(tmp_path, monkeypatch):
         ranked = [s["partner"] for s in brs[entry["id"]]]
         assert entry["partners"] == ranked[:3] and entry["partner"] == best[entry["id"]]["partner"] == ranked[0]
         assert entry["brs_score"] == best[entry["id"]]["brs_score"]
-        warped = [np.asarray(nib.load(out.parent / "registered_labels" / f"{entry['id']}__from__{p}.nii.gz").dataobj)
-                  for p in ranked[:3]]
+        warped = [
+            np.asarray(nib.load(out.parent / "registered_labels" / f"{entry['id']}__from__{p}.nii.gz").dataobj)
+            for p in ranked[:3]
+        ]
         fused = np.asarray(nib.load(out.parent / entry["registered_label"]).dataobj)
         np.testing.assert_array_equal(fused, majority_vote(warped, 4))
         # where the two runners-up agree against the best partner, the vote follows them
         outvoted = (warped[1] == warped[2]) & (warped[0] != warped[1])
         np.testing.assert_array_equal(fused[outvoted], warped[1][outvoted])
         changed += int(outvoted.sum())
-    assert changed > 0   # the vote differs from the best partner's label somewhere
+    assert changed > 0  # the vote differs from the best partner's label somewhere
     for bad in (0, 2):
         with pytest.raises(RegistrationSetupError, match="rsl_partners"):
             _stage(data, tmp_path / "registration", rsl_partners=bad)

@@ -87,9 +87,26 @@ def test_run_registration_checks_its_inputs_first(tmp_path, monkeypatch):
     bad = tmp_path / "ph" / "bad.json"
     bad.write_text(json.dumps(data))
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "registration", "--config_file", "configs/registration.yaml",
-                           "--bundle_root", str(tmp_path), "--datalist_file", str(bad)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "registration",
+            "--config_file",
+            "configs/registration.yaml",
+            "--bundle_root",
+            str(tmp_path),
+            "--datalist_file",
+            str(bad),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "missing.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "registration").exists()
 
@@ -97,15 +114,18 @@ def test_run_registration_checks_its_inputs_first(tmp_path, monkeypatch):
 def test_ct_label_mapping_reaches_registration_and_training(tmp_path):
     """Synapse: raw label values (up to 13) are propagated and voted over all their values, and training
     maps every label key to the 8 organs, with deformable registration on."""
-    mapping = {"orig": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], "target": [0, 1, 2, 3, 4, 0, 0, 5, 0, 0, 0, 6, 7, 8]}
+    mapping = {
+        "orig": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+        "target": [0, 1, 2, 3, 4, 0, 0, 5, 0, 0, 0, 6, 7, 8],
+    }
     datalist = tmp_path / "synapse.json"
     datalist.write_text(json.dumps({"label_mapping": mapping, "training": [], "validation": []}))
     reg = ConfigParser()
-    reg.read_config([str(REPO / "configs" / "registration.yaml"), str(REPO / "configs" / "datasets" / "synapse.yaml")])
+    reg.read_config([str(REPO / "configs" / "registration.yaml"), str(REPO / "configs" / "dataset_synapse.yaml")])
     reg["datalist_file"] = str(datalist)
     assert reg.get_parsed_content("registration_runner#num_classes") is None  # max raw value + 1, not 9
     train = ConfigParser()
-    train.read_config([str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "datasets" / "synapse.yaml")])
+    train.read_config([str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "dataset_synapse.yaml")])
     train["datalist_file"] = str(datalist)
     assert train.get_parsed_content("registration_stage#num_classes") is None
     assert train.get_parsed_content("registration_torch_settings#deformable") is True

@@ -14,7 +14,11 @@ from scripts.registration.transform import PairTransform
 
 def _result(f, m, k=0.0, field=False, ok=True):
     t = known_affine((0, 0, k), (1, 1, 1), (k, 0, 0))
-    tr = PairTransform(t, np.full((3, 2, 3, 2), k, np.float32), oblique_affine((9, 9, 9), (2, 3, 2))) if field else PairTransform(t)
+    tr = (
+        PairTransform(t, np.full((3, 2, 3, 2), k, np.float32), oblique_affine((9, 9, 9), (2, 3, 2)))
+        if field
+        else PairTransform(t)
+    )
     if not ok:
         return PairResult(f, m, None, "failed", "diverged: test")
     return PairResult(f, m, tr, metric=0.5, seconds=0.1)
@@ -100,9 +104,13 @@ def test_input_errors_are_retried_on_the_next_run(tmp_path):
     from scripts.registration.transform import PairTransform
 
     store = TransformStore(tmp_path, settings={"engine": "test"})
-    store.commit([PairResult("a", "b", None, INPUT_ERROR, "load: truncated file"),
-                  PairResult("a", "c", None, "failed", "diverged"),
-                  PairResult("b", "a", PairTransform(np.eye(4)))])
+    store.commit(
+        [
+            PairResult("a", "b", None, INPUT_ERROR, "load: truncated file"),
+            PairResult("a", "c", None, "failed", "diverged"),
+            PairResult("b", "a", PairTransform(np.eye(4))),
+        ]
+    )
     assert store.done() == {("a", "c"), ("b", "a")}  # the diverged pair is final, the unreadable one is not
     assert {f["status"] for f in store.load().failures()} == {INPUT_ERROR, "failed"}
     store.commit([PairResult("a", "b", PairTransform(np.eye(4)))])  # the file was fixed

@@ -59,12 +59,20 @@ def test_weighted_loss_is_the_mean_of_weighted_per_sample_losses():
 
 def _batch(weight=None):
     g = torch.Generator().manual_seed(0)
-    unl = {"image": torch.rand(2, 1, 8, 8, generator=g), "registered_label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
-           "registered_label_valid": torch.tensor([1.0, 1.0])}
+    unl = {
+        "image": torch.rand(2, 1, 8, 8, generator=g),
+        "registered_label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
+        "registered_label_valid": torch.tensor([1.0, 1.0]),
+    }
     if weight is not None:
         unl[REGISTERED_WEIGHT] = torch.tensor(weight)
-    return {"labeled": {"image": torch.rand(2, 1, 8, 8, generator=g), "label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float()},
-            "unlabeled": unl}
+    return {
+        "labeled": {
+            "image": torch.rand(2, 1, 8, 8, generator=g),
+            "label": torch.randint(0, 3, (2, 1, 8, 8), generator=g).float(),
+        },
+        "unlabeled": unl,
+    }
 
 
 @pytest.mark.parametrize("schedule, weight", [("constant", None), ("fade", None), ("constant", [2.0, 0.0])])
@@ -72,10 +80,21 @@ def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
     torch.manual_seed(1)
     net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
     batch = _batch(weight)
-    trainer = CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1, net_a=net_a,
-                                   optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0), net_b=net_b,
-                                   optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0), supervised_loss=LOSS,
-                                   consistency_weight=0.3, rsl_weight=0.6, rsl_schedule=schedule, num_iterations=10)
+    trainer = CrossTeachingTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0),
+        net_b=net_b,
+        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0),
+        supervised_loss=LOSS,
+        consistency_weight=0.3,
+        rsl_weight=0.6,
+        rsl_schedule=schedule,
+        num_iterations=10,
+    )
     trainer.run()
     terms = trainer.state.output["terms"]
     w_rsl = 0.6 * (1 - math.exp(-5)) if schedule == "fade" else 0.6
@@ -86,7 +105,9 @@ def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
     r = batch["unlabeled"]["registered_label"]
     rsl = LOSS(out[2:], r) if weight is None else 2.0 * LOSS(out[2:3], r[:1]) / 2
     assert terms["rsl_a"].item() == pytest.approx(rsl.item(), rel=1e-5)
-    assert terms["loss_a"].item() == pytest.approx((terms["sup_a"] + 0.3 * terms["cps_a"] + w_rsl * terms["rsl_a"]).item(), rel=1e-5)
+    assert terms["loss_a"].item() == pytest.approx(
+        (terms["sup_a"] + 0.3 * terms["cps_a"] + w_rsl * terms["rsl_a"]).item(), rel=1e-5
+    )
 
 
 def test_config_switches_reach_data_and_trainer(tmp_path):
@@ -96,8 +117,15 @@ def test_config_switches_reach_data_and_trainer(tmp_path):
         e["brs_score"] = float(i)
     path = tmp_path / "scored.json"
     path.write_text(json.dumps(dl))
-    trainer = run_trainer(tmp_path / "run", ["train.yaml", "variants/no_contrastive.yaml"], str(path),
-                          num_iterations=1, val_interval=1, rsl_schedule="fade", rsl_reliability="rank")
+    trainer = run_trainer(
+        tmp_path / "run",
+        ["train.yaml", "variant_no_contrastive.yaml"],
+        str(path),
+        num_iterations=1,
+        val_interval=1,
+        rsl_schedule="fade",
+        rsl_reliability="rank",
+    )
     # the training data of the unlabeled half carries the weights (train#unlabeled#datalist)
     assert [e[REGISTERED_WEIGHT] for e in trainer.data_loader.unlabeled.dataset.data] == [2.0, 0.0]
     assert trainer.rsl_schedule == "fade" and "rsl_a" in trainer.state.output["terms"]
@@ -105,7 +133,7 @@ def test_config_switches_reach_data_and_trainer(tmp_path):
 
 def test_default_is_the_measured_best_and_cct_r_keeps_the_paper():
     """train.yaml: RSL weighted by BRS rank and the Transformer at the U-Net's rate (docs/results.md, full budget);
-    variants/cct_r.yaml keeps the paper's equal weights and 1e-4."""
+    variant_cct_r.yaml keeps the paper's equal weights and 1e-4."""
     from monai.bundle import ConfigParser
 
     from tests.cross_teaching_fixtures import ROOT
@@ -114,6 +142,10 @@ def test_default_is_the_measured_best_and_cct_r_keeps_the_paper():
     default.read_config(str(ROOT / "configs" / "train.yaml"))
     assert default["rsl_reliability"] == "rank" and default["learning_rate_b"] == default["learning_rate"] == 0.0005
     paper = ConfigParser()
-    paper.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variants/cct_r.yaml")])
-    assert paper["rsl_reliability"] == "none" and paper["learning_rate_b"] == 0.0001 and paper["rsl_schedule"] == "constant"
+    paper.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variant_cct_r.yaml")])
+    assert (
+        paper["rsl_reliability"] == "none"
+        and paper["learning_rate_b"] == 0.0001
+        and paper["rsl_schedule"] == "constant"
+    )
     assert paper.get_parsed_content("optimizer_b#lr") == 0.0001

@@ -42,7 +42,10 @@ def test_resolve_slice_axis_fixed_and_invalid():
 def test_rand_sliced_same_index_for_all_keys_and_geometry_kept():
     vol = torch.arange(1 * 6 * 5 * 4, dtype=torch.float32).reshape(1, 6, 5, 4)
     aff = _affine((1.5, 1.5, 10.0))
-    data = {"image": MetaTensor(vol, affine=torch.as_tensor(aff)), "label": MetaTensor(vol * 2, affine=torch.as_tensor(aff))}
+    data = {
+        "image": MetaTensor(vol, affine=torch.as_tensor(aff)),
+        "label": MetaTensor(vol * 2, affine=torch.as_tensor(aff)),
+    }
     t = RandSliced(["image", "label"])
     seen = set()
     for seed in range(20):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
-import nibabel as nib
 from monai.networks.nets import BasicUNet
 
 from scripts.contrastive.task_affinity import (
@@ -50,7 +50,7 @@ def test_masks_are_area_averaged_to_coarse_features():
     feats = torch.arange(4.0).reshape(1, 1, 2, 2)  # one channel, 2x2
     mask = torch.zeros(1, 1, 4, 4)
     mask[0, 0, :2, :2] = 1.0  # top-left quadrant -> the top-left coarse pixel, weight 1
-    mask[0, 0, 2, 2] = 1.0    # one of four fine pixels of the bottom-right coarse pixel -> weight 0.25
+    mask[0, 0, 2, 2] = 1.0  # one of four fine pixels of the bottom-right coarse pixel -> weight 0.25
     reps, _ = class_representations(feats, mask)
     assert torch.allclose(reps[0, 0], torch.tensor((0.0 * 1 + 3.0 * 0.25) / 1.25))
 
@@ -144,7 +144,9 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 
 def test_tac_overlay_trains_and_the_plain_inference_command_serves_it(tmp_path, data):
-    run_bundle(tmp_path, ["train.yaml", "variants/tac.yaml"], data["plain"], "--num_iterations", "2", "--val_interval", "2")
+    run_bundle(
+        tmp_path, ["train.yaml", "variant_tac.yaml"], data["plain"], "--num_iterations", "2", "--val_interval", "2"
+    )
     state = torch.load(tmp_path / "models" / "train_state.pt", map_location="cpu", weights_only=False)
     assert state["trainer"]["iteration"] == 2
     model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
@@ -161,7 +163,16 @@ def test_tac_overlay_trains_and_the_plain_inference_command_serves_it(tmp_path, 
     entry = json.loads(Path(data["plain"]).read_text())["validation"][0]
     (inputs / "case.nii.gz").symlink_to(Path(data["plain"]).parent / entry["image"])
     out = tmp_path / "pred"
-    run_bundle(tmp_path, ["inference.yaml"], data["plain"], "--input_dir", str(inputs), "--output_dir", str(out), run_id="inference")
+    run_bundle(
+        tmp_path,
+        ["inference.yaml"],
+        data["plain"],
+        "--input_dir",
+        str(inputs),
+        "--output_dir",
+        str(out),
+        run_id="inference",
+    )
     (pred,) = out.glob("*_seg.nii.gz")
     assert nib.load(pred).shape == nib.load(inputs / "case.nii.gz").shape
 
@@ -175,16 +186,30 @@ def test_trainer_adds_w_tac_times_r_to_the_supervised_loss_of_one_network():
     from scripts.training.cross_teaching import CrossTeachingTrainer
 
     g = torch.Generator().manual_seed(0)
-    batch = {"labeled": {"image": torch.rand(2, 1, 32, 32, generator=g), "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float()},
-             "unlabeled": {"image": torch.rand(2, 1, 32, 32, generator=g)}}
+    batch = {
+        "labeled": {
+            "image": torch.rand(2, 1, 32, 32, generator=g),
+            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+        },
+        "unlabeled": {"image": torch.rand(2, 1, 32, 32, generator=g)},
+    }
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
     net = _net()
     net.eval()  # no batch-norm statistics moving between the two passes
     ref = copy.deepcopy(net)
-    trainer = CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1, net_a=net,
-                                   optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1), net_b=None,
-                                   supervised_loss=loss_fn, consistency="none",
-                                   affinity=TaskAffinityConsistency(net, 3), affinity_weight=0.7)
+    trainer = CrossTeachingTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch],
+        epoch_length=1,
+        net_a=net,
+        optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1),
+        net_b=None,
+        supervised_loss=loss_fn,
+        consistency="none",
+        affinity=TaskAffinityConsistency(net, 3),
+        affinity_weight=0.7,
+    )
     trainer.network.train = lambda mode=True: trainer.network  # keep eval mode in the trainer's step
     trainer.run()
     tac = TaskAffinityConsistency(ref, 3)
@@ -201,13 +226,26 @@ def test_trainer_adds_w_tac_times_r_to_the_supervised_loss_of_one_network():
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="net_b and optimizer_b must be None"):
-        CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], net_a=net, net_b=ref,
-                             optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1), supervised_loss=loss_fn, consistency="none")
+        CrossTeachingTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[batch],
+            net_a=net,
+            net_b=ref,
+            optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1),
+            supervised_loss=loss_fn,
+            consistency="none",
+        )
 
 
 def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
-    trainer = run_trainer(tmp_path, ["train.yaml", "variants/no_contrastive.yaml", "variants/with_tac.yaml"], data["rsl"],
-                          num_iterations=1, val_interval=1)
+    trainer = run_trainer(
+        tmp_path,
+        ["train.yaml", "variant_no_contrastive.yaml", "variant_with_tac.yaml"],
+        data["rsl"],
+        num_iterations=1,
+        val_interval=1,
+    )
     assert isinstance(trainer.network, StructureEnhancedUNet) and trainer.affinity_on
     terms = trainer.state.output["terms"]
     assert terms["tac_a"].item() > 0 and "rsl_a" in terms and "cps_a" in terms and "tac_b" not in terms

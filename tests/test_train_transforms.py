@@ -27,7 +27,9 @@ def datalist(tmp_path) -> Path:
     save_nifti(label, affine, tmp_path / "lab.nii.gz")
     entry = {"id": "c0", "image": "img.nii.gz", "label": "lab.nii.gz"}
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"labels": {"0": "bg", "1": "a", "2": "b", "3": "c"}, "training": [entry], "validation": [entry]}))
+    path.write_text(
+        json.dumps({"labels": {"0": "bg", "1": "a", "2": "b", "3": "c"}, "training": [entry], "validation": [entry]})
+    )
     return path
 
 
@@ -114,7 +116,9 @@ def test_random_crop_is_on_by_default_and_can_be_switched_off(datalist):
         assert ("RandScaleCropd" in names) == expected, names
         if expected:  # before the resize, after the slice and its coordinates
             assert parser.get_parsed_content("crop_min_scale") == 0.8
-            assert names.index("RandScaleCropd") < names.index("Resized") and names.index("SliceCoordinatesd") < names.index("RandScaleCropd")
+            assert names.index("RandScaleCropd") < names.index("Resized") and names.index(
+                "SliceCoordinatesd"
+            ) < names.index("RandScaleCropd")
 
 
 def _flip_arm(files: list[str]) -> list[str]:
@@ -126,8 +130,8 @@ def _flip_arm(files: list[str]) -> list[str]:
 def test_ct_overlay_keeps_left_and_right_apart():
     """Cardiac: rot90 + mirror flip (SSL4MIS). CT: no mirror flip, which would turn a left kidney into a right one."""
     assert _flip_arm(["train.yaml"]) == ["RandRotate90d", "RandAxisFlipd"]
-    assert _flip_arm(["train.yaml", "datasets/acdc.yaml"]) == ["RandRotate90d", "RandAxisFlipd"]
-    assert _flip_arm(["train.yaml", "datasets/synapse.yaml"]) == ["RandRotate90d"]
+    assert _flip_arm(["train.yaml", "dataset_acdc.yaml"]) == ["RandRotate90d", "RandAxisFlipd"]
+    assert _flip_arm(["train.yaml", "dataset_synapse.yaml"]) == ["RandRotate90d"]
 
 
 def _handedness_signs(files: list[str], draws: int = 40) -> tuple[set[int], int]:
@@ -138,9 +142,9 @@ def _handedness_signs(files: list[str], draws: int = 40) -> tuple[set[int], int]
     aug = parser.get_parsed_content("train#augmentation")
     aug.set_random_state(0)
     label = torch.zeros(1, 32, 32)
-    label[0, 14:18, 8:12] = 1.0    # right of the patient (left of the image)
-    label[0, 14:18, 20:24] = 2.0   # left of the patient
-    label[0, 8:12, 14:18] = 3.0    # anterior
+    label[0, 14:18, 8:12] = 1.0  # right of the patient (left of the image)
+    label[0, 14:18, 20:24] = 2.0  # left of the patient
+    label[0, 8:12, 14:18] = 3.0  # anterior
     signs = set()
     for _ in range(draws):
         signs.add(_handedness(aug({"image": label.clone(), "label": label.clone()})["label"][0]))
@@ -158,5 +162,5 @@ def test_ct_augmentation_never_mirrors_a_slice():
     The cardiac augmentation draws both signs (so the check can fail); the CT one only the original."""
     cardiac, original = _handedness_signs(["train.yaml"])
     assert cardiac == {-1, 1}
-    ct, original = _handedness_signs(["train.yaml", "datasets/synapse.yaml"])
+    ct, original = _handedness_signs(["train.yaml", "dataset_synapse.yaml"])
     assert ct == {original}

@@ -23,7 +23,9 @@ def test_cutmix_pastes_the_partner_slice_and_mixes_labels_alike():
     assert torch.allclose(view.image[box], x[view.perm][box]) and torch.allclose(view.image[~box], x[~box])
     labels = torch.randint(0, 4, (4, 24, 24))
     mixed = view.mix(labels)
-    assert torch.equal(mixed[box[:, 0]], labels[view.perm][box[:, 0]]) and torch.equal(mixed[~box[:, 0]], labels[~box[:, 0]])
+    assert torch.equal(mixed[box[:, 0]], labels[view.perm][box[:, 0]]) and torch.equal(
+        mixed[~box[:, 0]], labels[~box[:, 0]]
+    )
     valid = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert view.mix_valid(valid).tolist() == (valid * valid[view.perm]).tolist()  # every slice got a box
     assert view.mix_valid(None) is None
@@ -74,10 +76,17 @@ class _Identity:
 
 def _batch():
     g = torch.Generator().manual_seed(0)
-    return {"labeled": {"image": torch.rand(2, 1, 32, 32, generator=g), "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float()},
-            "unlabeled": {"image": torch.rand(2, 1, 32, 32, generator=g),
-                          "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
-                          "registered_label_valid": torch.tensor([1.0, 1.0])}}
+    return {
+        "labeled": {
+            "image": torch.rand(2, 1, 32, 32, generator=g),
+            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+        },
+        "unlabeled": {
+            "image": torch.rand(2, 1, 32, 32, generator=g),
+            "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+            "registered_label_valid": torch.tensor([1.0, 1.0]),
+        },
+    }
 
 
 @pytest.mark.parametrize("w2s", [0.0, 0.8])
@@ -87,11 +96,23 @@ def test_trainer_adds_the_weak_to_strong_terms(w2s):
         net.train = lambda mode=True, net=net: net  # keep eval mode: passes are comparable
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
     batch = _batch()
-    trainer = CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[batch], epoch_length=1, net_a=net_a,
-                                   optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0), net_b=net_b,
-                                   optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0), supervised_loss=loss_fn,
-                                   consistency_weight=0.3, rsl_weight=0.5, w2s_weight=w2s, w2s_threshold=0.0, w2s_dropout=0.0,
-                                   strong_perturbation=_Identity())
+    trainer = CrossTeachingTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0),
+        net_b=net_b,
+        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0),
+        supervised_loss=loss_fn,
+        consistency_weight=0.3,
+        rsl_weight=0.5,
+        w2s_weight=w2s,
+        w2s_threshold=0.0,
+        w2s_dropout=0.0,
+        strong_perturbation=_Identity(),
+    )
     trainer.run()
     terms = trainer.state.output["terms"]
     expected = terms["sup_a"] + 0.3 * terms["cps_a"] + 0.5 * terms["rsl_a"]
@@ -105,23 +126,40 @@ def test_trainer_adds_the_weak_to_strong_terms(w2s):
     assert terms["strong_a"].item() == pytest.approx(ce.item(), rel=1e-4)
     assert terms["fp_a"].item() == pytest.approx(ce.item(), rel=1e-4)
     assert terms["confident_a"].item() == 1.0
-    assert terms["loss_a"].item() == pytest.approx((expected + w2s * 0.5 * (terms["strong_a"] + terms["fp_a"])).item(), rel=1e-5)
+    assert terms["loss_a"].item() == pytest.approx(
+        (expected + w2s * 0.5 * (terms["strong_a"] + terms["fp_a"])).item(), rel=1e-5
+    )
 
 
 def test_weak_to_strong_needs_two_students():
     net = _unet(0)
     with pytest.raises(ValueError, match="two students"):
-        CrossTeachingTrainer(device="cpu", max_epochs=1, train_data_loader=[_batch()], net_a=net, net_b=None,
-                             optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1), supervised_loss=DiceCELoss(),
-                             consistency="none", w2s_weight=1.0)
+        CrossTeachingTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[_batch()],
+            net_a=net,
+            net_b=None,
+            optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1),
+            supervised_loss=DiceCELoss(),
+            consistency="none",
+            w2s_weight=1.0,
+        )
 
 
 def test_w2s_overlay_trains_cct_r_with_scl_and_the_terms(tmp_path_factory):
     from tests.cross_teaching_fixtures import make_rsl_datalist, run_trainer
 
     data = make_rsl_datalist(tmp_path_factory.mktemp("phantom"))
-    trainer = run_trainer(tmp_path_factory.mktemp("run"), ["train.yaml", "variants/no_reps.yaml", "variants/w2s.yaml"], data["rsl"],
-                          num_iterations=1, val_interval=1, cl_num_anchors=50, cl_num_negatives=50)
+    trainer = run_trainer(
+        tmp_path_factory.mktemp("run"),
+        ["train.yaml", "variant_no_reps.yaml", "variant_w2s.yaml"],
+        data["rsl"],
+        num_iterations=1,
+        val_interval=1,
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+    )
     assert trainer.w2s_weight == 1.0 and trainer.w2s_threshold == 0.95
     terms = trainer.state.output["terms"]
     # the contrastive term reads the weak pass's features, before the extra passes replace them

@@ -13,12 +13,13 @@ def _trainer(net: torch.nn.Module, updates: list[float]) -> Engine:
     def step(engine, _):
         with torch.no_grad():
             net.weight.fill_(updates[engine.state.iteration - 1])
+
     return Engine(step)
 
 
 def test_average_starts_as_a_copy_and_follows_the_ema_rule():
     net = torch.nn.Linear(1, 1, bias=False)
-    net.weight.data.fill_(-100.0)   # the initial weights never enter the average
+    net.weight.data.fill_(-100.0)  # the initial weights never enter the average
     average = WeightAverage(net, decay=0.6)
     updates = [1.0, 3.0, 5.0, 7.0]
     trainer = _trainer(net, updates)

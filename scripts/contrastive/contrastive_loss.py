@@ -111,19 +111,23 @@ def sample_contrastive_pixels(
         raise ValueError(f"labels {tuple(labels.shape)} and eligible {tuple(eligible.shape)} differ")
     k, p = int(num_classes), labels.shape[0]
     device = labels.device
-    priority = torch.rand(labels.shape, generator=generator, device="cpu" if generator is not None else device).to(device)
+    priority = torch.rand(labels.shape, generator=generator, device="cpu" if generator is not None else device).to(
+        device
+    )
     classes = torch.arange(k, device=device)
     member = eligible[None, :] & (labels.long()[None, :] == classes[:, None])  # (K, P)
     count = member.sum(1)  # (K,)
     t = min(max(int(num_anchors), int(num_negatives)), p)
-    order = torch.topk(torch.where(member, priority[None, :], torch.full_like(priority, 2.0)[None, :]), t, dim=1, largest=False).indices
+    order = torch.topk(
+        torch.where(member, priority[None, :], torch.full_like(priority, 2.0)[None, :]), t, dim=1, largest=False
+    ).indices
     present = count > 0
     others = present.sum() - 1
     cap = torch.div(int(num_negatives) + others.clamp_min(1) - 1, others.clamp_min(1), rounding_mode="floor")  # ceil
     o = min(int(num_negatives), t)
     rank = torch.arange(o, device=device)
     # candidates of class c: (class o', rank r) for every o' != c present, r < min(cap, count[o']), in class order
-    take = (rank[None, :] < torch.minimum(cap, count)[:, None])  # (K_o, O')
+    take = rank[None, :] < torch.minimum(cap, count)[:, None]  # (K_o, O')
     cand = take[None, :, :] & (classes[:, None, None] != classes[None, :, None])  # (K_c, K_o, O')
     cand = cand.reshape(k, k * o)
     keep = cand & (torch.cumsum(cand.long(), 1) <= int(num_negatives))
@@ -149,8 +153,17 @@ class SupervisedPixelContrastiveLoss(nn.Module):
         class_weight, registered_weight: ``w1``, ``w2`` of the REPS blend.
     """
 
-    def __init__(self, num_classes: int, threshold: float = 0.5, num_anchors: int = 1000, num_negatives: int = 500,
-                 temperature: float = 0.1, detach_keys: bool = True, class_weight: float = 1.0, registered_weight: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int,
+        threshold: float = 0.5,
+        num_anchors: int = 1000,
+        num_negatives: int = 500,
+        temperature: float = 0.1,
+        detach_keys: bool = True,
+        class_weight: float = 1.0,
+        registered_weight: float = 0.0,
+    ):
         super().__init__()
         if num_classes < 2 or num_anchors < 2 or num_negatives < 1 or temperature <= 0:
             raise ValueError(
@@ -162,13 +175,21 @@ class SupervisedPixelContrastiveLoss(nn.Module):
         self.temperature, self.detach_keys = float(temperature), bool(detach_keys)
         self.class_weight, self.registered_weight = float(class_weight), float(registered_weight)
 
-    def sample(self, labels: torch.Tensor, confidence: torch.Tensor, generator: torch.Generator | None = None) -> ContrastiveSamples:
+    def sample(
+        self, labels: torch.Tensor, confidence: torch.Tensor, generator: torch.Generator | None = None
+    ) -> ContrastiveSamples:
         """Anchors and negatives of ``labels`` / ``confidence`` (any shape, flattened in the same order)."""
         eligible = confidence.reshape(-1) > self.threshold
-        return sample_contrastive_pixels(labels.reshape(-1), eligible, self.num_classes, self.num_anchors, self.num_negatives, generator)
+        return sample_contrastive_pixels(
+            labels.reshape(-1), eligible, self.num_classes, self.num_anchors, self.num_negatives, generator
+        )
 
-    def anchor_losses(self, selected: torch.Tensor, samples: ContrastiveSamples,
-                      registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def anchor_losses(
+        self,
+        selected: torch.Tensor,
+        samples: ContrastiveSamples,
+        registered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Eq. 4's per-anchor losses ``l_a``: ``(K, N')`` (meaningful where ``samples.anchor_valid``).
 
         ``selected``: ``(K, T, D)`` embeddings of ``samples.order`` (or ``(P, D)`` embeddings of every
@@ -194,14 +215,24 @@ class SupervisedPixelContrastiveLoss(nn.Module):
         logits = torch.cat([pos_logit[..., None], neg_logits], dim=2)
         return torch.logsumexp(logits.float(), dim=2) - pos_logit.float()
 
-    def loss_from_samples(self, selected: torch.Tensor, samples: ContrastiveSamples,
-                          registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def loss_from_samples(
+        self,
+        selected: torch.Tensor,
+        samples: ContrastiveSamples,
+        registered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Eq. 4 for given samples: the mean over anchors of each class, then over the classes (see
         :meth:`anchor_losses` for ``selected`` and ``registered``)."""
         return self.group_losses(selected, samples, None, 1, registered)[0]
 
-    def group_losses(self, selected: torch.Tensor, samples: ContrastiveSamples, groups: torch.Tensor | None,
-                     num_groups: int, registered: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def group_losses(
+        self,
+        selected: torch.Tensor,
+        samples: ContrastiveSamples,
+        groups: torch.Tensor | None,
+        num_groups: int,
+        registered: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Eq. 4 split by where the anchors come from (the joint space of two networks).
 
         ``groups``: ``(K, N')`` group (``0 .. num_groups-1``) of each anchor, or ``None`` for one group.
@@ -220,8 +251,13 @@ class SupervisedPixelContrastiveLoss(nn.Module):
             out.append((per_class * has).sum() / has.sum().clamp_min(1) + 0.0 * losses.sum())
         return out
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        confidence: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """SCL of ``(B, D, H, W)`` embeddings with ``(B, [1,] H, W)`` labels and confidence."""
         flat = flatten_pixels(embeddings)
         if labels.numel() != flat.shape[0] or confidence.numel() != flat.shape[0]:

@@ -43,20 +43,24 @@ from scripts.contrastive.mcsc_loss import MultiScaleBalancedContrastiveLoss
 from scripts.contrastive.memory_bank import SliceFeatureBank, bank_capacity, registered_positives
 from scripts.contrastive.projector import ScaleProjectors
 from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
-from scripts.data.semi_supervised_data import SemiSupervisedBatch
 from scripts.contrastive.slice_coordinates import fit_patch_frames
+from scripts.data.semi_supervised_data import SemiSupervisedBatch
 
 __all__ = ["LOSSES", "ContrastiveTerm", "block_labels"]
 
 LOSSES = ("scl", "mcsc")
 
 
-def block_labels(labels: torch.Tensor, confidence: torch.Tensor, stride: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_labels(
+    labels: torch.Tensor, confidence: torch.Tensor, stride: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, H, W)`` labels / confidence -> majority label and mean confidence of ``stride`` blocks."""
     if stride == 1:
         return labels, confidence
     classes = torch.arange(num_classes, device=labels.device)[None, :, None, None]
-    onehot = (labels.long().clamp(0, num_classes - 1)[:, None] == classes).float()   # (F.one_hot reads the labels' range on the host)
+    onehot = (
+        labels.long().clamp(0, num_classes - 1)[:, None] == classes
+    ).float()  # (F.one_hot reads the labels' range on the host)
     votes = F.avg_pool2d(onehot, stride)
     return votes.argmax(1), F.avg_pool2d(confidence[:, None].float(), stride)[:, 0]
 
@@ -83,13 +87,30 @@ class ContrastiveTerm(nn.Module):
         joint: one contrastive space for both networks (module docstring); only with ``net_b`` and SCL.
     """
 
-    def __init__(self, net_a: nn.Module, num_classes: int, net_b: nn.Module | None = None, loss: str = "scl",
-                 scales: Sequence[str] = ("full", "coarse"), in_channels: int = 1, threshold: float = 0.5,
-                 num_anchors: int = 1000, num_negatives: int = 500, temperature: float = 0.1,
-                 hidden_channels: int = 256, out_channels: int = 128, mcsc_max_samples: int = 1024,
-                 correspondence: RegisteredCorrespondence | None = None, class_weight: float = 1.0,
-                 registered_weight: float = 0.0, bank_scale: str = "coarse", bank_fraction: float = 0.2,
-                 bank_max_slices: int | None = None, bank_dtype: str = "float32", joint: bool = False):
+    def __init__(
+        self,
+        net_a: nn.Module,
+        num_classes: int,
+        net_b: nn.Module | None = None,
+        loss: str = "scl",
+        scales: Sequence[str] = ("full", "coarse"),
+        in_channels: int = 1,
+        threshold: float = 0.5,
+        num_anchors: int = 1000,
+        num_negatives: int = 500,
+        temperature: float = 0.1,
+        hidden_channels: int = 256,
+        out_channels: int = 128,
+        mcsc_max_samples: int = 1024,
+        correspondence: RegisteredCorrespondence | None = None,
+        class_weight: float = 1.0,
+        registered_weight: float = 0.0,
+        bank_scale: str = "coarse",
+        bank_fraction: float = 0.2,
+        bank_max_slices: int | None = None,
+        bank_dtype: str = "float32",
+        joint: bool = False,
+    ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"contrastive loss must be one of {LOSSES}, got {loss!r}")
@@ -97,17 +118,29 @@ class ContrastiveTerm(nn.Module):
         if correspondence is not None and (loss != "scl" or bank_scale not in scales):
             raise ValueError(f"REPS needs loss='scl' and bank_scale ({bank_scale!r}) among scales {list(scales)}")
         if joint and loss != "scl":
-            raise ValueError(f"the joint contrastive space is implemented for loss='scl', not {loss!r} (set joint: false)")
+            raise ValueError(
+                f"the joint contrastive space is implemented for loss='scl', not {loss!r} (set joint: false)"
+            )
         self.num_classes, self.loss_name, self.scales = int(num_classes), loss, scales
         self.joint = bool(joint) and net_b is not None  # one trained network: one space anyway
         nets = {"a": net_a} if net_b is None else {"a": net_a, "b": net_b}
         self.taps = {k: FeatureTap(n, scales) for k, n in nets.items()}
         self.projectors = nn.ModuleDict(
-            {k: ScaleProjectors(feature_channels(n, in_channels, scales), hidden_channels, out_channels) for k, n in nets.items()}
+            {
+                k: ScaleProjectors(feature_channels(n, in_channels, scales), hidden_channels, out_channels)
+                for k, n in nets.items()
+            }
         )
         if loss == "scl":
-            self.loss = SupervisedPixelContrastiveLoss(num_classes, threshold, num_anchors, num_negatives, temperature,
-                                                       class_weight=class_weight, registered_weight=registered_weight)
+            self.loss = SupervisedPixelContrastiveLoss(
+                num_classes,
+                threshold,
+                num_anchors,
+                num_negatives,
+                temperature,
+                class_weight=class_weight,
+                registered_weight=registered_weight,
+            )
         else:
             self.loss = MultiScaleBalancedContrastiveLoss(num_classes, temperature, mcsc_max_samples, threshold)
         self.correspondence = correspondence
@@ -148,8 +181,16 @@ class ContrastiveTerm(nn.Module):
             self.banks[name].to(emb.device)  # restored from a checkpoint on the CPU
         if name not in self.banks:
             c = self.correspondence
-            self.banks[name] = SliceFeatureBank(self.capacity * layers, emb.shape[1], emb.shape[2], emb.shape[3], len(c) * layers,
-                                                max(c.max_slices, 1), dtype=self.bank_dtype, device=emb.device)
+            self.banks[name] = SliceFeatureBank(
+                self.capacity * layers,
+                emb.shape[1],
+                emb.shape[2],
+                emb.shape[3],
+                len(c) * layers,
+                max(c.max_slices, 1),
+                dtype=self.bank_dtype,
+                device=emb.device,
+            )
         return self.banks[name]
 
     def _batch_geometry(self, batch: SemiSupervisedBatch, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +199,8 @@ class ContrastiveTerm(nn.Module):
         if ids is None or slices is None or coords is None:
             raise ValueError(
                 "REPS needs volume ids, slice indices and slice coordinate maps in every batch: use "
-                "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd (configs/train.yaml with use_reps: true)"
+                "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd "
+                "(configs/train.yaml with use_reps: true)"
             )
         if len(ids) != size:
             raise ValueError(f"REPS: {len(ids)} ids for a batch of {size}")
@@ -166,13 +208,25 @@ class ContrastiveTerm(nn.Module):
         if self.correspondence.device != device:
             self.correspondence.to(device)
         # the ids are host strings (from the loader): their indices go to the device with the batch
-        volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long).to(device, non_blocking=True)
+        volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long).to(
+            device, non_blocking=True
+        )
         frames, ok = fit_patch_frames(coords)
         volume = torch.where(ok, volume, -1)
         return volume, slices.long().to(device, non_blocking=True), frames
 
-    def _registered(self, name: str, flat_idx: torch.Tensor, shape: torch.Size, stride: int, volume: torch.Tensor,
-                    slices: torch.Tensor, frames: torch.Tensor, dim: int, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def _registered(
+        self,
+        name: str,
+        flat_idx: torch.Tensor,
+        shape: torch.Size,
+        stride: int,
+        volume: torch.Tensor,
+        slices: torch.Tensor,
+        frames: torch.Tensor,
+        dim: int,
+        layers: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Registered positives ``(a_reg (*flat_idx.shape, D), found (*flat_idx.shape))`` of anchors at flat pixel
         indices ``flat_idx`` of a ``(B, h, w)`` map at ``stride``; fixed sizes, on the device."""
         b, h, w = shape
@@ -184,7 +238,9 @@ class ContrastiveTerm(nn.Module):
         vol = volume[sample]
         known = vol >= 0
         if name in self.banks:
-            reg, found = registered_positives(self.correspondence, self.banks[name], vol.clamp_min(0), slices[sample], uv, layers)
+            reg, found = registered_positives(
+                self.correspondence, self.banks[name], vol.clamp_min(0), slices[sample], uv, layers
+            )
             reg, found = reg.float(), found & known
         else:
             reg = torch.zeros((idx.numel(), dim), dtype=torch.float32, device=idx.device)
@@ -200,13 +256,21 @@ class ContrastiveTerm(nn.Module):
         g[:, :2], g[:, 2, 2] = frames, 1.0
         ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
         g = torch.where(ok[:, None, None], g, torch.eye(3, dtype=torch.float64, device=g.device))
-        scale = torch.tensor([[1.0 / stride, 0, -(stride - 1) / (2.0 * stride)], [0, 1.0 / stride, -(stride - 1) / (2.0 * stride)], [0, 0, 1]],
-                             dtype=torch.float64).to(g.device, non_blocking=True)
+        scale = torch.tensor(
+            [
+                [1.0 / stride, 0, -(stride - 1) / (2.0 * stride)],
+                [0, 1.0 / stride, -(stride - 1) / (2.0 * stride)],
+                [0, 0, 1],
+            ],
+            dtype=torch.float64,
+        ).to(g.device, non_blocking=True)
         out = (scale @ torch.linalg.inv_ex(g).inverse)[:, :2]
         return torch.where(ok[:, None, None], out, float("nan"))
 
     # ------------------------------------------------------------------ the term
-    def forward(self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
+    def forward(
+        self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch
+    ) -> torch.Tensor:
         """The contrastive loss of network ``which`` alone (its own space) after its forward pass on ``batch.images()``.
 
         Args:
@@ -217,8 +281,14 @@ class ContrastiveTerm(nn.Module):
         """
         return self._losses([(which, logits, peer_probs)], batch)[0]
 
-    def pair(self, logits_a: torch.Tensor, peer_probs_a: torch.Tensor, logits_b: torch.Tensor, peer_probs_b: torch.Tensor,
-             batch: SemiSupervisedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(
+        self,
+        logits_a: torch.Tensor,
+        peer_probs_a: torch.Tensor,
+        logits_b: torch.Tensor,
+        peer_probs_b: torch.Tensor,
+        batch: SemiSupervisedBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cl_a, cl_b)`` of both networks: one loss over the joint space (``joint``), else one per network.
 
         ``peer_probs_a`` are B's probabilities on the unlabeled half (A's cross labels), ``peer_probs_b`` A's.
@@ -228,7 +298,9 @@ class ContrastiveTerm(nn.Module):
         cl_a, cl_b = self._losses([("a", logits_a, peer_probs_a), ("b", logits_b, peer_probs_b)], batch)
         return cl_a, cl_b
 
-    def _losses(self, sources: list[tuple[str, torch.Tensor, torch.Tensor]], batch: SemiSupervisedBatch) -> list[torch.Tensor]:
+    def _losses(
+        self, sources: list[tuple[str, torch.Tensor, torch.Tensor]], batch: SemiSupervisedBatch
+    ) -> list[torch.Tensor]:
         """One contrastive loss over the pixels of all ``sources`` ``(which, logits, peer_probs)``, split by source."""
         for which, _, _ in sources:
             if which not in self.taps:
@@ -237,8 +309,14 @@ class ContrastiveTerm(nn.Module):
         bank_name = sources[0][0] if n_src == 1 else "joint"
         labels, confidence, features, projectors = [], [], [], []
         for which, logits, peer_probs in sources:
-            labels.append(torch.cat([batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(),
-                                     peer_probs.detach().argmax(1)]))
+            labels.append(
+                torch.cat(
+                    [
+                        batch.label.reshape(batch.num_labeled, *batch.label.shape[-2:]).long(),
+                        peer_probs.detach().argmax(1),
+                    ]
+                )
+            )
             confidence.append(torch.softmax(logits.detach().float(), 1).max(1).values)
             features.append(self.taps[which].features())
             projectors.append(self.projectors[which])
@@ -260,15 +338,24 @@ class ContrastiveTerm(nn.Module):
                 losses[0].append(self.loss(emb[0][scale], labs[0], confs[0]))
                 continue
             per_source = labs[0].numel()  # pixels per source (flat index k * per_source + pixel)
-            samples = self.loss.sample(torch.cat([x.reshape(-1) for x in labs]), torch.cat([x.reshape(-1) for x in confs]))
+            samples = self.loss.sample(
+                torch.cat([x.reshape(-1) for x in labs]), torch.cat([x.reshape(-1) for x in confs])
+            )
             groups = samples.anchors // per_source if n_src > 1 else None
             registered = None
             if self.reps and scale == self.bank_scale:
-                registered = self._registered(bank_name, samples.anchors % per_source, labs[0].shape, stride, *geometry,
-                                              projectors[0].out_channels, layers=n_src)
+                registered = self._registered(
+                    bank_name,
+                    samples.anchors % per_source,
+                    labs[0].shape,
+                    stride,
+                    *geometry,
+                    projectors[0].out_channels,
+                    layers=n_src,
+                )
             if scale in emb[0]:
                 selected = torch.cat([flatten_pixels(e[scale]) for e in emb])[samples.order]
-            else:   # embed only the sampled pixels, each with its own network's head
+            else:  # embed only the sampled pixels, each with its own network's head
                 idx = samples.order.reshape(-1)
                 source, local = idx // per_source, idx % per_source
                 selected = None

@@ -69,7 +69,9 @@ class FeatureTap:
     keep their autograd graph (the contrastive loss trains the decoder).
     """
 
-    def __init__(self, network: nn.Module, scales: tuple[str, ...] = ("full", "coarse"), layers: Mapping[str, str] | None = None):
+    def __init__(
+        self, network: nn.Module, scales: tuple[str, ...] = ("full", "coarse"), layers: Mapping[str, str] | None = None
+    ):
         self.network = unwrap(network)
         unknown = [s for s in scales if s not in SCALES]
         if unknown or not scales:
@@ -135,8 +137,13 @@ class FeatureTap:
 
 
 @torch.no_grad()
-def feature_channels(network: nn.Module, in_channels: int = 1, scales: tuple[str, ...] = ("full", "coarse"),
-                     layers: Mapping[str, str] | None = None, size: int = 64) -> dict[str, int]:
+def feature_channels(
+    network: nn.Module,
+    in_channels: int = 1,
+    scales: tuple[str, ...] = ("full", "coarse"),
+    layers: Mapping[str, str] | None = None,
+    size: int = 64,
+) -> dict[str, int]:
     """``{scale: channels}`` of the tapped maps, found with one small forward pass (in eval mode)."""
     net = unwrap(network)
     tap = FeatureTap(net, scales, layers)

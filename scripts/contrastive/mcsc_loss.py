@@ -26,8 +26,9 @@ from scripts.contrastive.contrastive_loss import flatten_pixels
 __all__ = ["balanced_supcon", "MultiScaleBalancedContrastiveLoss"]
 
 
-def balanced_supcon(z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1,
-                    valid: torch.Tensor | None = None) -> torch.Tensor:
+def balanced_supcon(
+    z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 2 on ``(n, D)`` embeddings and ``(n,)`` integer labels (vectorised, ``n x n``).
 
     ``valid`` ``(n,)``: samples that take part (the others are padding of a fixed-size draw); masks
@@ -42,9 +43,13 @@ def balanced_supcon(z: torch.Tensor, labels: torch.Tensor, num_classes: int, tem
     valid = torch.ones(n, dtype=torch.bool, device=z.device) if valid is None else valid.reshape(-1).to(z.device)
     logits = z @ z.T / temperature
     pair = ~torch.eye(n, dtype=torch.bool, device=z.device) & valid[None, :] & valid[:, None]
-    onehot = (labels[:, None] == torch.arange(num_classes, device=z.device)[None, :]).to(z.dtype) * valid[:, None].to(z.dtype)  # (n, C)
+    onehot = (labels[:, None] == torch.arange(num_classes, device=z.device)[None, :]).to(z.dtype) * valid[:, None].to(
+        z.dtype
+    )  # (n, C)
     class_sizes = onehot.sum(0)[None, :] - onehot  # |B_c \ {i}|, (n, C)
-    logits = logits - logits.detach().masked_fill(~pair, float("-inf")).max(1, keepdim=True).values.clamp_min(-1e4)  # stability
+    logits = logits - logits.detach().masked_fill(~pair, float("-inf")).max(1, keepdim=True).values.clamp_min(
+        -1e4
+    )  # stability
     exp = torch.exp(logits) * pair
     per_class = exp @ onehot  # (n, C): sum over k in B_c, k != i
     denom = (per_class / class_sizes.clamp_min(1)).masked_fill(class_sizes == 0, 0.0).sum(1)
@@ -71,8 +76,13 @@ class MultiScaleBalancedContrastiveLoss(nn.Module):
         self.num_classes, self.temperature = int(num_classes), float(temperature)
         self.max_samples, self.threshold = int(max_samples), float(threshold)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        confidence: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         flat = flatten_pixels(embeddings)
         lab = labels.reshape(-1)
         if lab.numel() != flat.shape[0]:

@@ -31,7 +31,9 @@ from scripts.contrastive.registered_correspondence import RegisteredCorresponden
 __all__ = ["bank_capacity", "SliceFeatureBank", "registered_positives"]
 
 
-def bank_capacity(labeled_slices: int, unlabeled_slices: int, fraction: float = 0.2, max_slices: int | None = None) -> int:
+def bank_capacity(
+    labeled_slices: int, unlabeled_slices: int, fraction: float = 0.2, max_slices: int | None = None
+) -> int:
     """``ceil(fraction * (M + K))`` slices (REPS: a fifth), at most ``max_slices``, at least 1."""
     n = max(1, math.ceil(fraction * (int(labeled_slices) + int(unlabeled_slices))))
     return n if max_slices is None else max(1, min(n, int(max_slices)))
@@ -48,8 +50,17 @@ class SliceFeatureBank:
         device: storage device.
     """
 
-    def __init__(self, capacity: int, channels: int, height: int, width: int, num_volumes: int, max_slices: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        capacity: int,
+        channels: int,
+        height: int,
+        width: int,
+        num_volumes: int,
+        max_slices: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         if min(capacity, channels, height, width, num_volumes, max_slices) < 1:
             raise ValueError(
                 f"SliceFeatureBank: capacity, channels, height, width, num_volumes and max_slices must be >= 1, got "
@@ -59,7 +70,9 @@ class SliceFeatureBank:
         self.features = torch.zeros((self.capacity, self.height, self.width, self.channels), dtype=dtype, device=device)
         self.frames = torch.full((self.capacity, 2, 3), float("nan"), dtype=torch.float64, device=device)
         self.slot_of = torch.full((int(num_volumes), int(max_slices)), -1, dtype=torch.long, device=device)
-        self.slot_key = torch.full((self.capacity, 2), -1, dtype=torch.long, device=device)  # (volume, slice) of each slot
+        self.slot_key = torch.full(
+            (self.capacity, 2), -1, dtype=torch.long, device=device
+        )  # (volume, slice) of each slot
         # when each slot was last written (pushes count up from 0); free slots sort first, lowest slot first
         self.written = torch.arange(self.capacity, dtype=torch.long, device=device) - self.capacity
         self.clock = torch.zeros((), dtype=torch.long, device=device)
@@ -77,21 +90,35 @@ class SliceFeatureBank:
         and the FIFO order. Only the occupied slots' maps are kept."""
         slots = self._fifo_slots()
         return {
-            "capacity": self.capacity, "channels": self.channels, "height": self.height, "width": self.width,
-            "num_volumes": int(self.slot_of.shape[0]), "max_slices": int(self.slot_of.shape[1]),
+            "capacity": self.capacity,
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "num_volumes": int(self.slot_of.shape[0]),
+            "max_slices": int(self.slot_of.shape[1]),
             "dtype": str(self.features.dtype).removeprefix("torch."),
-            "keys": self.slot_key[slots].tolist(), "features": self.features[slots].cpu(), "frames": self.frames[slots].cpu(),
+            "keys": self.slot_key[slots].tolist(),
+            "features": self.features[slots].cpu(),
+            "frames": self.frames[slots].cpu(),
         }
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "SliceFeatureBank":
         """The bank :meth:`state` describes, its slices in the same FIFO order."""
-        bank = cls(state["capacity"], state["channels"], state["height"], state["width"], state["num_volumes"],
-                   state["max_slices"], dtype=getattr(torch, state["dtype"]), device=device)
+        bank = cls(
+            state["capacity"],
+            state["channels"],
+            state["height"],
+            state["width"],
+            state["num_volumes"],
+            state["max_slices"],
+            dtype=getattr(torch, state["dtype"]),
+            device=device,
+        )
         keys = [tuple(int(x) for x in k) for k in state["keys"]]
         if len(keys) > bank.capacity or len(state["features"]) != len(keys):
             raise ValueError(f"bank state: {len(keys)} keys, {len(state['features'])} maps, capacity {bank.capacity}")
-        for slot, key in enumerate(keys):   # slots 0, 1, ... in FIFO order
+        for slot, key in enumerate(keys):  # slots 0, 1, ... in FIFO order
             bank._check_key(key)
             bank.slot_of[key] = slot
             bank.slot_key[slot] = torch.tensor(key)
@@ -115,37 +142,57 @@ class SliceFeatureBank:
     @property
     def bytes_per_slice(self) -> int:
         """Storage of one slice: its feature map and its frame."""
-        return self.features[0].numel() * self.features.element_size() + self.frames[0].numel() * self.frames.element_size()
+        return (
+            self.features[0].numel() * self.features.element_size()
+            + self.frames[0].numel() * self.frames.element_size()
+        )
 
     @property
     def nbytes(self) -> int:
         """Storage of the whole bank (preallocated) including the key tables."""
-        return self.capacity * self.bytes_per_slice + (self.slot_of.numel() + self.slot_key.numel() + self.written.numel()) * 8
+        return (
+            self.capacity * self.bytes_per_slice
+            + (self.slot_of.numel() + self.slot_key.numel() + self.written.numel()) * 8
+        )
 
     def _check_key(self, key: tuple[int, int]) -> None:
         if not (0 <= key[0] < self.slot_of.shape[0] and 0 <= key[1] < self.slot_of.shape[1]):
             raise ValueError(f"bank key (volume, slice) = {key} outside the key space {tuple(self.slot_of.shape)}")
 
     @torch.no_grad()
-    def push(self, volume: torch.Tensor, slice_index: torch.Tensor, features: torch.Tensor, frames: torch.Tensor,
-             keep: torch.Tensor | None = None) -> None:
+    def push(
+        self,
+        volume: torch.Tensor,
+        slice_index: torch.Tensor,
+        features: torch.Tensor,
+        frames: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> None:
         """Store ``(B, D, h, w)`` ``features`` of slices ``(volume[b], slice_index[b])`` with their
         ``(B, 2, 3)`` frames (original ``(u, v, 1)`` -> map pixel ``(row, col)``). Samples with a
         non-finite frame, or ``keep`` False, are skipped. A stored slice is overwritten in place and
         becomes the newest; otherwise the oldest slot is reused. Later duplicates in one push win.
         Fixed-size device work (one small step per sample), no host read."""
         if features.shape[1:] != (self.channels, self.height, self.width):
-            raise ValueError(f"bank stores ({self.channels}, {self.height}, {self.width}) maps, got {tuple(features.shape[1:])}")
+            raise ValueError(
+                f"bank stores ({self.channels}, {self.height}, {self.width}) maps, got {tuple(features.shape[1:])}"
+            )
         dev = self.features.device
         volume, slice_index = volume.long().to(dev), slice_index.long().to(dev)
         frames = frames.detach().to(dev, self.frames.dtype)
         ok = torch.isfinite(frames).reshape(frames.shape[0], -1).all(1)
         if keep is not None:
             ok = ok & keep.to(dev)
-        ok = ok & (volume >= 0) & (volume < self.slot_of.shape[0]) & (slice_index >= 0) & (slice_index < self.slot_of.shape[1])
+        ok = (
+            ok
+            & (volume >= 0)
+            & (volume < self.slot_of.shape[0])
+            & (slice_index >= 0)
+            & (slice_index < self.slot_of.shape[1])
+        )
         v, s = volume.clamp(0, self.slot_of.shape[0] - 1), slice_index.clamp(0, self.slot_of.shape[1] - 1)
         maps = features.detach().permute(0, 2, 3, 1).to(dev, self.features.dtype)
-        for b in range(features.shape[0]):   # 1-element index tensors: advanced indexing, never a host read
+        for b in range(features.shape[0]):  # 1-element index tensors: advanced indexing, never a host read
             vb, sb, okb = v[b : b + 1], s[b : b + 1], ok[b : b + 1]
             existing = self.slot_of[vb, sb]
             slot = torch.where(existing >= 0, existing, torch.argmin(self.written).reshape(1))
@@ -159,8 +206,9 @@ class SliceFeatureBank:
             self.frames[slot] = torch.where(okb[:, None, None], frames[b : b + 1], self.frames[slot])
             self.clock += okb.long().sum()
 
-    def locate(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor,
-               ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def locate(
+        self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where original in-plane points ``uv (n, 2)`` of slices ``(volume, slice_index)`` lie in the bank:
         ``(slot (n,), map pixel (n, 2), found (n,))``; ``found`` where ``ok``, the slice is stored and the
         point lies inside its map. Cheap (no feature is read); every point, masked."""
@@ -173,7 +221,9 @@ class SliceFeatureBank:
         rc = (frame[..., :2] @ p[..., None])[..., 0] + frame[..., 2]  # (n, 2) map pixel coordinates
         inside = torch.isfinite(rc).all(1)
         rc = torch.nan_to_num(rc, nan=-10.0, posinf=-10.0, neginf=-10.0)
-        inside &= (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
+        inside &= (
+            (rc[:, 0] >= -0.5) & (rc[:, 0] <= self.height - 0.5) & (rc[:, 1] >= -0.5) & (rc[:, 1] <= self.width - 0.5)
+        )
         return slot.clamp_min(0), rc, found & inside
 
     def sample(self, slot: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
@@ -185,10 +235,16 @@ class SliceFeatureBank:
         r1, c1 = (r0 + 1).clamp(max=self.height - 1), (c0 + 1).clamp(max=self.width - 1)
         fr, fc = (r - r0).to(self.features.dtype)[:, None], (c - c0).to(self.features.dtype)[:, None]
         f, s = self.features, slot
-        return (f[s, r0, c0] * (1 - fr) * (1 - fc) + f[s, r0, c1] * (1 - fr) * fc
-                + f[s, r1, c0] * fr * (1 - fc) + f[s, r1, c1] * fr * fc)
+        return (
+            f[s, r0, c0] * (1 - fr) * (1 - fc)
+            + f[s, r0, c1] * (1 - fr) * fc
+            + f[s, r1, c0] * fr * (1 - fc)
+            + f[s, r1, c1] * fr * fc
+        )
 
-    def lookup(self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(
+        self, volume: torch.Tensor, slice_index: torch.Tensor, uv: torch.Tensor, ok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bilinear features at original in-plane points ``uv (..., 2)`` of slices ``(volume, slice_index)``.
 
         Returns ``(features (..., D), found (...))``; ``found`` where ``ok``, the slice is stored and
@@ -196,7 +252,9 @@ class SliceFeatureBank:
         """
         shape = volume.shape
         slot, rc, found = self.locate(volume, slice_index, uv, ok)
-        out = torch.where(found[:, None], self.sample(slot, rc), torch.zeros((), dtype=self.features.dtype, device=slot.device))
+        out = torch.where(
+            found[:, None], self.sample(slot, rc), torch.zeros((), dtype=self.features.dtype, device=slot.device)
+        )
         return out.reshape(*shape, self.channels), found.reshape(shape)
 
 
@@ -207,8 +265,14 @@ class SliceFeatureBank:
 MAX_LOOKUPS_PER_ANCHOR = 8
 
 
-def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFeatureBank, volume: torch.Tensor,
-                         slice_index: torch.Tensor, uv: torch.Tensor, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def registered_positives(
+    correspondence: RegisteredCorrespondence,
+    bank: SliceFeatureBank,
+    volume: torch.Tensor,
+    slice_index: torch.Tensor,
+    uv: torch.Tensor,
+    layers: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 12: mean bank feature at the registered points of ``A`` anchors in every other volume.
 
     Args:
@@ -223,7 +287,9 @@ def registered_positives(correspondence: RegisteredCorrespondence, bank: SliceFe
     """
     dev = bank.features.device
     if volume.numel() == 0:
-        return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=dev), torch.zeros(0, dtype=torch.bool, device=dev)
+        return torch.zeros((0, bank.channels), dtype=bank.features.dtype, device=dev), torch.zeros(
+            0, dtype=torch.bool, device=dev
+        )
     rows, targets, z, uv_j, ok = correspondence.map_to_partners(volume, slice_index, uv)
     n, v = volume.shape[0], len(correspondence)
     rows = rows.to(dev)

@@ -29,7 +29,9 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int = 256, out_channels: int = 128):
         super().__init__()
         if min(in_channels, hidden_channels, out_channels) < 1:
-            raise ValueError(f"ProjectionHead channels must be positive, got {(in_channels, hidden_channels, out_channels)}")
+            raise ValueError(
+                f"ProjectionHead channels must be positive, got {(in_channels, hidden_channels, out_channels)}"
+            )
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, kernel_size=1),
             nn.ReLU(inplace=True),

@@ -49,13 +49,17 @@ class SliceCoordinatesd(MapTransform):
         ref = d.get(self.reference)
         if ref is None or ref.ndim != 3:
             got = None if ref is None else tuple(ref.shape)
-            raise ValueError(f"SliceCoordinatesd: {self.reference!r} must be a (C, H, W) slice (place it after RandSliced), got {got}")
+            raise ValueError(
+                f"SliceCoordinatesd: {self.reference!r} must be a (C, H, W) slice (place it after RandSliced), got {got}"
+            )
         h, w = ref.shape[-2:]
         u, v = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
         coords = torch.stack([u, v, torch.ones_like(u)])
         for key in self.keys:
             if isinstance(ref, MetaTensor):
-                d[key] = MetaTensor(coords, affine=ref.affine.clone(), meta={k: v for k, v in ref.meta.items() if k != "affine"})
+                d[key] = MetaTensor(
+                    coords, affine=ref.affine.clone(), meta={k: v for k, v in ref.meta.items() if k != "affine"}
+                )
             else:
                 d[key] = coords
         return d
@@ -82,7 +86,9 @@ def fit_patch_frames(coords: torch.Tensor, erode: int = 2, min_pixels: int = 16)
     xty = (x * wgt).transpose(1, 2) @ y  # (B, 3, 2)
     ok = wgt.sum((1, 2)) >= min_pixels
     eye = torch.eye(3, dtype=torch.float64, device=c.device)
-    beta = torch.linalg.solve_ex(torch.where(ok[:, None, None], xtx, eye), xty).result  # (B, 3, 2); no error check: no host read
+    beta = torch.linalg.solve_ex(
+        torch.where(ok[:, None, None], xtx, eye), xty
+    ).result  # (B, 3, 2); no error check: no host read
     frames = beta.transpose(1, 2)
     ok = ok & torch.isfinite(frames).reshape(b, -1).all(1)
     frames = torch.where(ok[:, None, None], frames, float("nan"))
@@ -122,6 +128,13 @@ class ContrastivePrepareBatch(SemiSupervisedPrepareBatch):
             out.slice_index = torch.cat([torch.as_tensor(h[self.slice_key]).reshape(-1).long() for h in halves])
         if all(self.coords_key in h for h in halves):
             out.slice_coords = torch.cat(
-                [torch.as_tensor(h[self.coords_key].as_tensor() if isinstance(h[self.coords_key], MetaTensor) else h[self.coords_key]) for h in halves]
+                [
+                    torch.as_tensor(
+                        h[self.coords_key].as_tensor()
+                        if isinstance(h[self.coords_key], MetaTensor)
+                        else h[self.coords_key]
+                    )
+                    for h in halves
+                ]
             ).to(device if device is not None else "cpu")
         return out

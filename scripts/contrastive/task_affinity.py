@@ -32,7 +32,13 @@ from torch import nn
 
 from scripts.training.mean_teacher import unwrap
 
-__all__ = ["SkipFeatureTap", "resize_masks", "class_representations", "representation_distance", "TaskAffinityConsistency"]
+__all__ = [
+    "SkipFeatureTap",
+    "resize_masks",
+    "class_representations",
+    "representation_distance",
+    "TaskAffinityConsistency",
+]
 
 
 class SkipFeatureTap:
@@ -54,7 +60,8 @@ class SkipFeatureTap:
         if not layers or missing:
             raise ValueError(
                 f"{type(net).__name__} has no enhancement layers {missing or ''} to tap: TAC needs "
-                "scripts.training.networks.StructureEnhancedUNet (configs/variants/tac.yaml)")
+                "scripts.training.networks.StructureEnhancedUNet (configs/variant_tac.yaml)"
+            )
         self.layers = layers
         self._captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layers]
@@ -84,7 +91,9 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks, tuple(int(s) for s in size))
 
 
-def class_representations(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def class_representations(
+    features: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked averages ``sum(x * M^c) / sum(M^c)`` over every pixel of every slice.
 
     Args:
@@ -101,7 +110,9 @@ def class_representations(features: torch.Tensor, masks: torch.Tensor, eps: floa
     return sums / area.clamp_min(eps)[:, None], present
 
 
-def representation_distance(feat_l: torch.Tensor, masks_l: torch.Tensor, feat_u: torch.Tensor, masks_u: torch.Tensor) -> torch.Tensor:
+def representation_distance(
+    feat_l: torch.Tensor, masks_l: torch.Tensor, feat_u: torch.Tensor, masks_u: torch.Tensor
+) -> torch.Tensor:
     """``sum_c ||E_l^c - E_u^c||^2`` over the classes present in both halves."""
     e_l, p_l = class_representations(feat_l, masks_l)
     e_u, p_u = class_representations(feat_u, masks_u)
@@ -124,8 +135,14 @@ class TaskAffinityConsistency(nn.Module):
     first ``n`` slices, and ``n``. Features are compared in float32.
     """
 
-    def __init__(self, network: nn.Module, num_classes: int, tau_context: float = 1.0, tau_structure: float = 1.0,
-                 layers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        num_classes: int,
+        tau_context: float = 1.0,
+        tau_structure: float = 1.0,
+        layers: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         if float(tau_context) < 0 or float(tau_structure) < 0:
             raise ValueError(f"tau_context and tau_structure must be >= 0, got {tau_context!r}, {tau_structure!r}")
@@ -141,7 +158,9 @@ class TaskAffinityConsistency(nn.Module):
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor, n: int) -> torch.Tensor:
         if not 0 < n < logits.shape[0]:
-            raise ValueError(f"TAC needs labeled and unlabeled slices in the batch, got {n} labeled of {logits.shape[0]}")
+            raise ValueError(
+                f"TAC needs labeled and unlabeled slices in the batch, got {n} labeled of {logits.shape[0]}"
+            )
         masks_l, masks_u = self.masks(logits, label, n)
         context = structure = logits.new_zeros((), dtype=torch.float32)
         for x, x_hat in self.tap.features():

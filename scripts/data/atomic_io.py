@@ -16,7 +16,6 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -70,4 +69,3 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, d
     img.set_qform(img.affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-

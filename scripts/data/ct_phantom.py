@@ -3,7 +3,7 @@
 An axial abdominal CT in Hounsfield units with the eight Synapse organs and a few others, labelled in
 the raw **13-label BTCV numbering** (1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 6 liver,
 7 stomach, 8 aorta, 9 inferior vena cava, 11 pancreas), so that the datalist's 13 -> 8 mapping
-(``configs/datasets/splits/synapse.json``; the IVC maps to background) is exercised exactly as on
+(``configs/splits/synapse.json``; the IVC maps to background) is exercised exactly as on
 Synapse. Anatomy lives in a canonical frame in millimetres (``x`` to the patient's left, ``y``
 anterior, ``z`` superior):
 
@@ -46,7 +46,7 @@ from scripts.data.phantom import PhantomDatasetError, _replace_folder
 __all__ = ["CT_PHANTOM_VERSION", "ORGANS", "render_ct_subject", "ensure_ct_phantom_dataset"]
 
 CT_PHANTOM_VERSION = 1
-SPLIT = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "splits" / "synapse.json"
+SPLIT = Path(__file__).resolve().parents[2] / "configs" / "splits" / "synapse.json"
 
 #: name -> (raw BTCV label, HU, shape, centre (mm), semi-axes (mm) or (radius, half-height)); drawn in this order
 ORGANS: dict[str, tuple[int, float, str, tuple[float, float, float], tuple[float, ...]]] = {
@@ -60,8 +60,10 @@ ORGANS: dict[str, tuple[int, float, str, tuple[float, float, float], tuple[float
     "aorta": (8, 200.0, "cylinder", (15.0, -25.0, 0.0), (12.0, 150.0)),
     "inferior vena cava": (9, 150.0, "cylinder", (-15.0, -20.0, 0.0), (11.0, 150.0)),
 }
-SIZES = {"small": {"inplane": 96, "slices": 24, "slice_mm": (8.0, 10.0), "fov_mm": (380.0, 420.0)},
-         "ct": {"inplane": 512, "slices": 100, "slice_mm": (3.0, 5.0), "pixel_mm": (0.7, 0.9)}}
+SIZES = {
+    "small": {"inplane": 96, "slices": 24, "slice_mm": (8.0, 10.0), "fov_mm": (380.0, 420.0)},
+    "ct": {"inplane": 512, "slices": 100, "slice_mm": (3.0, 5.0), "pixel_mm": (0.7, 0.9)},
+}
 
 
 def _subject(rng: np.random.Generator, size: str) -> dict[str, Any]:
@@ -72,17 +74,22 @@ def _subject(rng: np.random.Generator, size: str) -> dict[str, Any]:
         pixel = float(rng.uniform(*spec["fov_mm"])) / spec["inplane"]
     organs = {}
     for name, (_, hu, _, centre, axes) in ORGANS.items():
-        organs[name] = {"centre": (np.asarray(centre) + rng.uniform(-8, 8, 3)).tolist(),
-                        "axes": (np.asarray(axes) * rng.uniform(0.85, 1.15, len(axes))).tolist(),
-                        "hu": hu + float(rng.uniform(-10, 10))}
+        organs[name] = {
+            "centre": (np.asarray(centre) + rng.uniform(-8, 8, 3)).tolist(),
+            "axes": (np.asarray(axes) * rng.uniform(0.85, 1.15, len(axes))).tolist(),
+            "hu": hu + float(rng.uniform(-10, 10)),
+        }
     return {
         "spacing": [pixel, pixel, float(rng.uniform(*spec["slice_mm"]))],
         "shape": [spec["inplane"], spec["inplane"], spec["slices"]],
         "scale": rng.uniform(0.9, 1.1, 3).tolist(),
         "angle": float(rng.uniform(-8, 8)),
         "shift": rng.uniform(-10, 10, 3).tolist(),
-        "warp": {"amplitude": float(rng.uniform(4, 8)), "phase": rng.uniform(0, 2 * math.pi, (3, 3)).tolist(),
-                 "wavelength": float(rng.uniform(160, 240))},
+        "warp": {
+            "amplitude": float(rng.uniform(4, 8)),
+            "phase": rng.uniform(0, 2 * math.pi, (3, 3)).tolist(),
+            "wavelength": float(rng.uniform(160, 240)),
+        },
         "body": {"a": float(rng.uniform(140, 160)), "b": float(rng.uniform(100, 120))},
         "noise": float(rng.uniform(10, 20)),
         "organs": organs,
@@ -119,8 +126,18 @@ def render_ct_subject(subject: dict[str, Any], seed: int) -> tuple[np.ndarray, n
     body = subject["body"]
     for k0 in range(0, shape[2], 8):
         ks = np.arange(k0, min(k0 + 8, shape[2]))
-        vox = np.stack([np.repeat(ii[..., None], len(ks), 2), np.repeat(jj[..., None], len(ks), 2),
-                        np.broadcast_to(ks, (*ii.shape, len(ks)))], -1).reshape(-1, 3).astype(np.float64)
+        vox = (
+            np.stack(
+                [
+                    np.repeat(ii[..., None], len(ks), 2),
+                    np.repeat(jj[..., None], len(ks), 2),
+                    np.broadcast_to(ks, (*ii.shape, len(ks))),
+                ],
+                -1,
+            )
+            .reshape(-1, 3)
+            .astype(np.float64)
+        )
         c = _canonical(vox @ affine[:3, :3].T + affine[:3, 3], subject)
         x, y, z = c[:, 0], c[:, 1], c[:, 2]
         r = (x / body["a"]) ** 2 + (y / body["b"]) ** 2
@@ -159,18 +176,32 @@ def _up_to_date(root: Path, settings: dict[str, Any]) -> bool:
         return False
     if datalist.get("generator") != settings:
         return False
-    return all((root / e[k]).is_file() for s in ("training", "unlabeled", "validation", "test")
-               for e in datalist.get(s, []) for k in ("image", "label", "true_label") if k in e)
+    return all(
+        (root / e[k]).is_file()
+        for s in ("training", "unlabeled", "validation", "test")
+        for e in datalist.get(s, [])
+        for k in ("image", "label", "true_label")
+        if k in e
+    )
 
 
-def ensure_ct_phantom_dataset(root: str | Path, n_labeled: int = 2, n_unlabeled: int = 6, n_validation: int = 2,
-                              n_test: int = 0, seed: int = 0, size: str = "small") -> str:
+def ensure_ct_phantom_dataset(
+    root: str | Path,
+    n_labeled: int = 2,
+    n_unlabeled: int = 6,
+    n_validation: int = 2,
+    n_test: int = 0,
+    seed: int = 0,
+    size: str = "small",
+) -> str:
     """Generate the CT phantom into ``root`` unless it is already there; return ``root/datalist.json``."""
     counts = {"n_labeled": n_labeled, "n_unlabeled": n_unlabeled, "n_validation": n_validation, "n_test": n_test}
     if size not in SIZES:
         raise PhantomDatasetError(f"ensure_ct_phantom_dataset: size must be one of {sorted(SIZES)}, got {size!r}")
     if any(int(v) < 0 for v in counts.values()) or int(n_labeled) < 1 or int(seed) < 0:
-        raise PhantomDatasetError(f"ensure_ct_phantom_dataset: need n_labeled >= 1, other counts >= 0, seed >= 0; got {counts}")
+        raise PhantomDatasetError(
+            f"ensure_ct_phantom_dataset: need n_labeled >= 1, other counts >= 0, seed >= 0; got {counts}"
+        )
     settings = _settings(int(seed), {k: int(v) for k, v in counts.items()}, size)
     root = Path(root).absolute()
     if _up_to_date(root, settings):
@@ -181,15 +212,26 @@ def ensure_ct_phantom_dataset(root: str | Path, n_labeled: int = 2, n_unlabeled:
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise PhantomDatasetError(f"{root}: exists and is not a CT phantom dataset folder; refusing to overwrite it")
+            raise PhantomDatasetError(
+                f"{root}: exists and is not a CT phantom dataset folder; refusing to overwrite it"
+            )
     split = json.loads(SPLIT.read_text())
-    sections = ["training"] * n_labeled + ["unlabeled"] * n_unlabeled + ["validation"] * n_validation + ["test"] * n_test
+    sections = (
+        ["training"] * n_labeled + ["unlabeled"] * n_unlabeled + ["validation"] * n_validation + ["test"] * n_test
+    )
     rng = np.random.default_rng(int(seed))
     datalist: dict[str, Any] = {
-        "name": "ct_phantom", "description": "Synthetic abdominal CT phantom generated by scripts.data.ct_phantom",
-        "modality": "CT", "labels": dict(split["labels"]), "label_mapping": dict(split["label_mapping"]),
-        "intensity_window": list(split["intensity_window"]), "generator": settings,
-        "training": [], "unlabeled": [], "validation": [], "test": [],
+        "name": "ct_phantom",
+        "description": "Synthetic abdominal CT phantom generated by scripts.data.ct_phantom",
+        "modality": "CT",
+        "labels": dict(split["labels"]),
+        "label_mapping": dict(split["label_mapping"]),
+        "intensity_window": list(split["intensity_window"]),
+        "generator": settings,
+        "training": [],
+        "unlabeled": [],
+        "validation": [],
+        "test": [],
     }
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
@@ -213,8 +255,15 @@ def ensure_ct_phantom_dataset(root: str | Path, n_labeled: int = 2, n_unlabeled:
     return str(root / "datalist.json")
 
 
-def main(root: str = "data/ct_phantom", n_labeled: int = 2, n_unlabeled: int = 6, n_validation: int = 2, n_test: int = 0,
-         seed: int = 0, size: str = "small") -> str:
+def main(
+    root: str = "data/ct_phantom",
+    n_labeled: int = 2,
+    n_unlabeled: int = 6,
+    n_validation: int = 2,
+    n_test: int = 0,
+    seed: int = 0,
+    size: str = "small",
+) -> str:
     """Command line: generate the CT phantom and print its datalist path."""
     path = ensure_ct_phantom_dataset(root, n_labeled, n_unlabeled, n_validation, n_test, seed, size)
     print(path)

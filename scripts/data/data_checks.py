@@ -86,8 +86,7 @@ def _scaling_problem(path: str, slope: float, inter: float) -> str | None:
     """
     if math.isinf(slope) or (slope != 0 and math.isfinite(slope) and not math.isfinite(inter)):
         return (
-            f"{path}: invalid intensity scaling in header (scl_slope={slope}, scl_inter={inter}); "
-            "NaN/inf not allowed"
+            f"{path}: invalid intensity scaling in header (scl_slope={slope}, scl_inter={inter}); NaN/inf not allowed"
         )
     return None
 
@@ -141,14 +140,18 @@ def _intensity_problem(path: str, img: nib.spatialimages.SpatialImage, intensity
         return f"{path}: image data unreadable ({type(err).__name__}: {err})"
     if nan or inf:
         total = int(np.prod(proxy.shape))
-        return (f"{path}: image has non-finite values ({nan} NaN and {inf} inf of {total} voxels); "
-                "images must hold finite intensities")
+        return (
+            f"{path}: image has non-finite values ({nan} NaN and {inf} inf of {total} voxels); "
+            "images must hold finite intensities"
+        )
     if lo == hi:
         return f"{path}: image is constant (every voxel is {lo:g}): it holds no anatomy to segment (an empty or failed export?)"
     window = _intensity_window(intensity)
     if window is not None and (hi <= window[0] or lo >= window[1]):
-        return (f"{path}: image is constant after the intensity window [{window[0]:g}, {window[1]:g}] (its values lie in "
-                f"[{lo:g}, {hi:g}]): it holds no anatomy to segment (wrong units, or not this modality?)")
+        return (
+            f"{path}: image is constant after the intensity window [{window[0]:g}, {window[1]:g}] (its values lie in "
+            f"[{lo:g}, {hi:g}]): it holds no anatomy to segment (wrong units, or not this modality?)"
+        )
     return None
 
 
@@ -321,11 +324,12 @@ def check_datalist(
     """Check a datalist and every file it names in ``sections``; raise if anything is wrong.
 
     Checks: the datalist reads; requested sections exist; ``training`` is not empty (when
-    ``require_labeled``) and neither is any section named in ``nonempty``; ids are present and unique across all sections; every image / label /
-    true_label file exists, is readable and complete, is 3D (a trailing singleton dimension is
-    accepted), has a finite non-degenerate affine and no NaN/inf intensity scaling; every image holds finite intensities that are
-    not all equal (before, and after ``intensity``'s clipping window, the normalisation spec); each label has its
-    image's shape and geometry (affine within 1e-3 mm + 1e-4 relative) and integer values in
+    ``require_labeled``) and neither is any section named in ``nonempty``; ids are present and unique
+    across all sections; every image / label / true_label file exists, is readable and complete, is 3D
+    (a trailing singleton dimension is accepted), has a finite non-degenerate affine and no NaN/inf
+    intensity scaling; every image holds finite intensities that are not all equal (before, and after
+    ``intensity``'s clipping window, the normalisation spec); each label has its image's shape and
+    geometry (affine within 1e-3 mm + 1e-4 relative) and integer values in
     ``0..num_classes-1`` after ``label_mapping``. ``num_classes`` defaults to the number of the
     datalist's ``labels``; ``label_mapping`` (``{"orig": [...], "target": [...]}``) to the datalist's
     own ``label_mapping`` if it has one (labels with values not in ``orig`` are errors).

@@ -19,7 +19,8 @@ layouts (:func:`build_acdc`, :func:`build_synapse`, :func:`build_folder`), also 
 the command line::
 
     python -m scripts.data.datalist acdc --root /data/ACDC --out data/acdc_7.json --labeled 7
-    python -m scripts.data.datalist acdc --root /data/ACDC --out data/acdc_7_s1.json --labeled 7 --labeled_seed 1   # other labeled patients
+    # other labeled patients:
+    python -m scripts.data.datalist acdc --root /data/ACDC --out data/acdc_7_s1.json --labeled 7 --labeled_seed 1
     python -m scripts.data.datalist synapse --root /data/BTCV --out data/synapse_4.json --labeled 4
     python -m scripts.data.datalist folder --images imgs/ --labels segs/ --out data/mine.json --labeled 5
 """
@@ -58,7 +59,7 @@ __all__ = [
 SECTIONS: tuple[str, ...] = ("training", "unlabeled", "validation", "test")
 
 #: Where the standard splits shipped with the bundle live.
-SPLITS_DIR = Path(__file__).resolve().parents[2] / "configs" / "datasets" / "splits"
+SPLITS_DIR = Path(__file__).resolve().parents[2] / "configs" / "splits"
 
 ACDC_LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 
@@ -263,7 +264,7 @@ def build_acdc(
 ) -> str:
     """Write an ACDC datalist from the original layout ``root/patientNNN/patientNNN_frameNN[_gt].nii.gz``.
 
-    Uses the standard split of ``configs/datasets/splits/acdc.json`` (or ``split``): 70 train, 10 validation and
+    Uses the standard split of ``configs/splits/acdc.json`` (or ``split``): 70 train, 10 validation and
     20 test patients. Every frame of the first ``labeled`` train patients (1, 3 and 7 use the standard
     labeled lists; any other count takes the first N of the train list, with a warning; with
     ``labeled_seed``, ``labeled`` patients drawn at random from the train list with that seed instead:
@@ -308,7 +309,9 @@ def build_acdc(
         if folder is None:
             if role == "test":
                 return None
-            raise DatalistNotFoundError(f"ACDC patient folder {root / patient} not found ({role} patient of {split_path})")
+            raise DatalistNotFoundError(
+                f"ACDC patient folder {root / patient} not found ({role} patient of {split_path})"
+            )
         return _acdc_frames(folder, patient)
 
     for patient in train:
@@ -398,7 +401,7 @@ def build_synapse(
 
     Files ``img00NN.nii.gz`` / ``label00NN.nii.gz`` are searched under ``root`` (directly, or in
     ``img/`` + ``label/``, ``imagesTr/`` + ``labelsTr/`` ... sub-folders). Of the 18 train cases of
-    ``configs/datasets/splits/synapse.json`` (or ``split``), the first ``labeled`` go to ``training``, the last
+    ``configs/splits/synapse.json`` (or ``split``), the first ``labeled`` go to ``training``, the last
     ``num_validation`` to ``validation`` and the rest to ``unlabeled`` (with ``true_label``); the 12 test
     cases go to ``test`` (missing ones are skipped with a warning). The datalist carries the split's
     ``label_mapping`` (raw BTCV values -> 8 organs; apply with MONAI's ``MapLabelValued``) and
@@ -478,7 +481,9 @@ def label_for(stem: str, label_files: Mapping[str, Path], same_folder: bool) -> 
     return None
 
 
-def match_labels(image_dir: Path, label_dir: Path, pattern: str = "*.nii*") -> tuple[dict[str, Path], dict[str, Path | None], dict[str, Path]]:
+def match_labels(
+    image_dir: Path, label_dir: Path, pattern: str = "*.nii*"
+) -> tuple[dict[str, Path], dict[str, Path | None], dict[str, Path]]:
     """Pair the images of ``image_dir`` with their labels in ``label_dir`` by name.
 
     Returns ``(images, label_of, labels)``: ``{case: image}`` (files matching ``pattern``; when both

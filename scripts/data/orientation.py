@@ -42,7 +42,9 @@ def checked_orientation(axcodes: str | None) -> str | None:
     codes = str(axcodes).upper()
     axes = [next((i for i, axis in enumerate(_AXES) if c in axis), -1) for c in codes]
     if len(codes) != 3 or sorted(axes) != [0, 1, 2]:
-        raise ValueError(f"orientation {axcodes!r}: three letters, one of L/R, one of A/P and one of S/I (e.g. 'RAS'), or null")
+        raise ValueError(
+            f"orientation {axcodes!r}: three letters, one of L/R, one of A/P and one of S/I (e.g. 'RAS'), or null"
+        )
     return codes
 
 

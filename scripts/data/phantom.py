@@ -75,14 +75,28 @@ PHANTOM_VERSION = 1
 LABEL_NAMES: dict[str, str] = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 
 # Tissue classes used while rendering; several map to the same label.
-_AIR, _FAT, _MUSCLE, _SOFT, _LUNG, _LIVER, _BONE, _CSF, _AORTA, _ATRIUM, _RV_WALL, _RV, _MYO, _LV, _PAPILLARY = range(15)
+_AIR, _FAT, _MUSCLE, _SOFT, _LUNG, _LIVER, _BONE, _CSF, _AORTA, _ATRIUM, _RV_WALL, _RV, _MYO, _LV, _PAPILLARY = range(
+    15
+)
 _TISSUE_TO_LABEL = np.zeros(15, dtype=np.uint8)
 _TISSUE_TO_LABEL[[_RV, _MYO, _LV, _PAPILLARY]] = [1, 2, 3, 3]
 # Appearance key giving each tissue's mean intensity (papillary muscle and RV wall look like myocardium,
 # atrial blood like LV blood).
 _TISSUE_MEAN_KEY = (
-    "mean_air", "mean_fat", "mean_muscle", "mean_soft_tissue", "mean_lung", "mean_liver", "mean_bone",
-    "mean_csf", "mean_aorta", "mean_lv_blood", "mean_myocardium", "mean_rv_blood", "mean_myocardium", "mean_lv_blood",
+    "mean_air",
+    "mean_fat",
+    "mean_muscle",
+    "mean_soft_tissue",
+    "mean_lung",
+    "mean_liver",
+    "mean_bone",
+    "mean_csf",
+    "mean_aorta",
+    "mean_lv_blood",
+    "mean_myocardium",
+    "mean_rv_blood",
+    "mean_myocardium",
+    "mean_lv_blood",
     "mean_myocardium",
 )
 
@@ -251,7 +265,9 @@ def sample_subject(rng: np.random.Generator, subject_id: str) -> PhantomSubject:
     n_slices = int(np.clip(np.round((heart_length + margin) / slice_spacing), 6, 12))
     grid_rotation = (
         _SHORT_AXIS_ORIENTATION
-        @ Rotation.from_euler("zxy", [rng.uniform(-15.0, 15.0), *rng.uniform(-2.0, 2.0, size=2)], degrees=True).as_matrix()
+        @ Rotation.from_euler(
+            "zxy", [rng.uniform(-15.0, 15.0), *rng.uniform(-2.0, 2.0, size=2)], degrees=True
+        ).as_matrix()
         @ _GRID_AXES
     )
     spacing = np.array([*spacing_xy, slice_spacing])
@@ -329,9 +345,13 @@ def _tissue_map(x: np.ndarray, y: np.ndarray, z: np.ndarray, anatomy: dict[str, 
     # Spine (vertebral body, spinal canal) at the posterior midline; descending aorta beside it.
     spine_y = inner_d - 1.1 * a["spine_radius"]
     tissue[_inside_ellipse(bx, by - spine_y, a["spine_radius"], 0.9 * a["spine_radius"])] = _BONE
-    tissue[_inside_ellipse(bx, by - spine_y - 1.25 * a["spine_radius"], 0.45 * a["spine_radius"], 0.4 * a["spine_radius"])] = _CSF
+    tissue[
+        _inside_ellipse(bx, by - spine_y - 1.25 * a["spine_radius"], 0.45 * a["spine_radius"], 0.4 * a["spine_radius"])
+    ] = _CSF
     aorta_r = a["aorta_radius"]
-    tissue[_inside_ellipse(bx - 1.4 * a["spine_radius"], by - spine_y + 1.6 * a["spine_radius"], aorta_r, aorta_r)] = _AORTA
+    tissue[_inside_ellipse(bx - 1.4 * a["spine_radius"], by - spine_y + 1.6 * a["spine_radius"], aorta_r, aorta_r)] = (
+        _AORTA
+    )
 
     # Heart.
     z_centre, z_base, _ = _heart_extent(a)
@@ -403,8 +423,12 @@ def _bias_field(shape: tuple[int, int, int], appearance: dict[str, float]) -> np
     u, v, w = (np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in shape)
     u, v, w = u[:, None, None], v[None, :, None], w[None, None, :]
     log_field = (
-        appearance["bias_x"] * u + appearance["bias_y"] * v + appearance["bias_z"] * w
-        + appearance["bias_xx"] * u**2 + appearance["bias_yy"] * v**2 + appearance["bias_xy"] * u * v
+        appearance["bias_x"] * u
+        + appearance["bias_y"] * v
+        + appearance["bias_z"] * w
+        + appearance["bias_xx"] * u**2
+        + appearance["bias_yy"] * v**2
+        + appearance["bias_xy"] * u * v
     )
     return np.exp(log_field)
 
@@ -491,7 +515,9 @@ def _checked_affine(matrix: np.ndarray, name: str) -> np.ndarray:
         or not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0])
         or abs(np.linalg.det(matrix[:3, :3])) < 1e-9
     ):
-        raise ValueError(f"{name} must be a finite invertible 4x4 affine with last row [0, 0, 0, 1], got {matrix.tolist()}")
+        raise ValueError(
+            f"{name} must be a finite invertible 4x4 affine with last row [0, 0, 0, 1], got {matrix.tolist()}"
+        )
     return matrix
 
 
@@ -533,7 +559,9 @@ def _looks_like_phantom_folder(root: Path) -> bool:
     if not any(root.iterdir()):
         return True
     try:
-        return json.loads((root / "datalist.json").read_text()).get("generator", {}).get("name") == "scripts.data.phantom"
+        return (
+            json.loads((root / "datalist.json").read_text()).get("generator", {}).get("name") == "scripts.data.phantom"
+        )
     except (OSError, ValueError, AttributeError):
         return (root / "phantom.json").is_file()
 
@@ -617,7 +645,9 @@ def ensure_phantom_dataset(
     if root.exists() and not (root.is_dir() and _looks_like_phantom_folder(root)):
         raise PhantomDatasetError(f"{root}: exists and is not a phantom dataset folder; refusing to overwrite it")
 
-    sections = ["training"] * n_labeled + ["unlabeled"] * n_unlabeled + ["validation"] * n_validation + ["test"] * n_test
+    sections = (
+        ["training"] * n_labeled + ["unlabeled"] * n_unlabeled + ["validation"] * n_validation + ["test"] * n_test
+    )
     subjects = sample_subjects(int(seed), len(sections))
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
+
 from scripts.user_errors import BundleInputError
 
 __all__ = ["OutputFolderError", "OutputsLog", "run_folder", "check_writable", "lock_folder"]
@@ -38,7 +39,9 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def run_folder(root: str | os.PathLike, kind: str, folder: str | os.PathLike | None = None, name: str | None = None) -> str:
+def run_folder(
+    root: str | os.PathLike, kind: str, folder: str | os.PathLike | None = None, name: str | None = None
+) -> str:
     """The output folder of one run, created and checked writable.
 
     Args:
@@ -151,7 +154,8 @@ def lock_folder(folder: str | os.PathLike, what: str = "run") -> str:
         handle.close()
         raise OutputFolderError(
             f"{folder}: another {what} ({holder}) is writing here; wait for it to finish, or give this run "
-            "another folder (--bundle_root / --ckpt_dir)") from None
+            "another folder (--bundle_root / --ckpt_dir)"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")

@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.data.datalist import load_datalist
+from scripts.data.deferred_dataset import build_deferred
 from scripts.user_errors import BundleInputError
 
 __all__ = [
@@ -77,7 +78,9 @@ class MissingRegisteredLabelError(BundleInputError):
     """Registration supervision was requested but the datalist has no registered labels."""
 
 
-def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool = False, reliability: str = "none") -> list[dict]:
+def unlabeled_entries(
+    datalist: str | os.PathLike, with_registered_label: bool = False, reliability: str = "none"
+) -> list[dict]:
     """The ``unlabeled`` section as training entries: ``{"id", "image"}`` (+ ``"registered_label"``).
 
     With ``reliability="rank"`` (and registered labels), every entry also gets
@@ -98,7 +101,9 @@ def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool =
     """
     entries = load_datalist(datalist, "unlabeled")
     if not entries:
-        raise ValueError(f"datalist {datalist}: the 'unlabeled' section is empty; semi-supervised training needs unlabeled volumes")
+        raise ValueError(
+            f"datalist {datalist}: the 'unlabeled' section is empty; semi-supervised training needs unlabeled volumes"
+        )
     out = []
     for e in entries:
         item = {"id": e.get("id"), "image": e["image"]}
@@ -121,9 +126,11 @@ def unlabeled_entries(datalist: str | os.PathLike, with_registered_label: bool =
         scored = {i: e for i, e in enumerate(entries) if REGISTERED_LABEL in out[i]}
         missing = [e.get("id") for e in scored.values() if e.get("brs_score") is None]
         if missing:
-            raise ValueError(f"datalist {datalist}: rsl_reliability 'rank' needs a 'brs_score' on every entry with a "
-                             f"registered label; {missing[:3]} have none (write the datalist with the registration step, or train "
-                             "with --rsl_reliability none)")
+            raise ValueError(
+                f"datalist {datalist}: rsl_reliability 'rank' needs a 'brs_score' on every entry with a "
+                f"registered label; {missing[:3]} have none (write the datalist with the registration step, or train "
+                "with --rsl_reliability none)"
+            )
         weights = reliability_weights({i: float(e["brs_score"]) for i, e in scored.items()})
         for i, item in enumerate(out):
             item[REGISTERED_WEIGHT] = weights.get(i, 0.0)
@@ -138,7 +145,9 @@ def fully_labeled_entries(datalist: str | os.PathLike) -> list[dict]:
     Raises:
         ValueError: an unlabeled entry has no ``true_label`` (the message names it and the file).
     """
-    labeled = [{"id": e.get("id"), "image": e["image"], "label": e["label"]} for e in load_datalist(datalist, "training")]
+    labeled = [
+        {"id": e.get("id"), "image": e["image"], "label": e["label"]} for e in load_datalist(datalist, "training")
+    ]
     try:
         unlabeled = load_datalist(datalist, "unlabeled")
     except KeyError:
@@ -213,6 +222,7 @@ class SemiSupervisedLoader:
             return next(iterator), iterator
 
     def __iter__(self) -> Iterator[dict]:
+        build_deferred(self.labeled, self.unlabeled)  # before the loaders fork their workers: one cache, built here
         labeled_it, unlabeled_it = iter(self.labeled), iter(self.unlabeled)
         for _ in range(self.epoch_length):
             labeled, labeled_it = self._next(self.labeled, labeled_it)
@@ -234,7 +244,7 @@ class SemiSupervisedBatch:
     unlabeled_image: torch.Tensor
     registered_label: torch.Tensor | None = None
     registered_valid: torch.Tensor | None = None
-    registered_weight: torch.Tensor | None = None   # (U,) RSL weights (registration reliability), None: all 1
+    registered_weight: torch.Tensor | None = None  # (U,) RSL weights (registration reliability), None: all 1
 
     @property
     def num_labeled(self) -> int:
@@ -257,19 +267,31 @@ class SemiSupervisedPrepareBatch:
     MetaTensors become plain tensors (metadata is not needed past augmentation).
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", registered_key: str = REGISTERED_LABEL,
-                 valid_key: str = REGISTERED_VALID, weight_key: str = REGISTERED_WEIGHT):
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        registered_key: str = REGISTERED_LABEL,
+        valid_key: str = REGISTERED_VALID,
+        weight_key: str = REGISTERED_WEIGHT,
+    ):
         self.image_key, self.label_key = image_key, label_key
         self.registered_key, self.valid_key, self.weight_key = registered_key, valid_key, weight_key
 
-    def __call__(self, batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False,
-                 **kwargs) -> SemiSupervisedBatch:
+    def __call__(
+        self, batchdata: Mapping, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+    ) -> SemiSupervisedBatch:
         if not isinstance(batchdata, Mapping) or not {"labeled", "unlabeled"} <= set(batchdata):
             got = list(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
-            raise ValueError(f"semi-supervised batch must be {{'labeled': ..., 'unlabeled': ...}} (SemiSupervisedLoader), got {got}")
+            raise ValueError(
+                f"semi-supervised batch must be {{'labeled': ..., 'unlabeled': ...}} (SemiSupervisedLoader), got {got}"
+            )
         device = device if device is not None else "cpu"
         labeled, unlabeled = batchdata["labeled"], batchdata["unlabeled"]
-        for name, half, keys in (("labeled", labeled, (self.image_key, self.label_key)), ("unlabeled", unlabeled, (self.image_key,))):
+        for name, half, keys in (
+            ("labeled", labeled, (self.image_key, self.label_key)),
+            ("unlabeled", unlabeled, (self.image_key,)),
+        ):
             missing = [k for k in keys if k not in half]
             if missing:
                 raise KeyError(f"the {name} half of the batch lacks {missing}; it has {sorted(map(str, half))}")

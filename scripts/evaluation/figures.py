@@ -21,10 +21,30 @@ import numpy as np  # noqa: E402
 
 from scripts.data.atomic_io import atomic_path  # noqa: E402
 
-__all__ = ["CLASS_COLOURS", "slice_axis_of", "pick_slices", "overlay_figure", "write_case_overlays", "write_dice_plot", "write_curves", "save_figure"]
+__all__ = [
+    "CLASS_COLOURS",
+    "slice_axis_of",
+    "pick_slices",
+    "overlay_figure",
+    "write_case_overlays",
+    "write_dice_plot",
+    "write_curves",
+    "save_figure",
+]
 
 #: one colour per class id (background unused), cycling for many classes
-CLASS_COLOURS = ["#000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4"]
+CLASS_COLOURS = [
+    "#000000",
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+]
 
 
 def _colour(c: int) -> str:
@@ -64,8 +84,15 @@ def _contours(ax, label2d: np.ndarray, classes: Sequence[int], style: str) -> No
             ax.contour(mask, levels=[0.5], colors=[_colour(c)], linewidths=1.2, linestyles=style)
 
 
-def overlay_figure(image: np.ndarray, layers: Mapping[str, np.ndarray], axis: int, slices: Sequence[int],
-                   classes: Sequence[int], title: str = "", class_names: Mapping[int, str] | None = None):
+def overlay_figure(
+    image: np.ndarray,
+    layers: Mapping[str, np.ndarray],
+    axis: int,
+    slices: Sequence[int],
+    classes: Sequence[int],
+    title: str = "",
+    class_names: Mapping[int, str] | None = None,
+):
     """One row of slices: the image in grey with each layer's class contours.
 
     ``layers`` maps a name to a label volume of the image's shape; the first is drawn solid, the next
@@ -86,8 +113,16 @@ def overlay_figure(image: np.ndarray, layers: Mapping[str, np.ndarray], axis: in
     return fig
 
 
-def write_case_overlays(path: str | os.PathLike, image: np.ndarray, layers: Mapping[str, np.ndarray], spacing: Sequence[float],
-                        classes: Sequence[int], title: str = "", class_names: Mapping[int, str] | None = None, count: int = 3) -> None:
+def write_case_overlays(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    layers: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    classes: Sequence[int],
+    title: str = "",
+    class_names: Mapping[int, str] | None = None,
+    count: int = 3,
+) -> None:
     """A PNG of ``count`` slices of one volume (slices where the first layer has foreground)."""
     axis = slice_axis_of(spacing)
     first = next(iter(layers.values()))

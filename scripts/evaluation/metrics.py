@@ -107,11 +107,25 @@ __all__ = [
 METRICS: tuple[str, ...] = ("dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis")
 
 PER_CASE_COLUMNS: tuple[str, ...] = (
-    "case", "class", "class_name", "dice", "hd95_mm", "hd95_vox", "hd95_mm_ssl4mis", "hd95_vox_ssl4mis", "gt_empty",
-    "pred_empty", "no_prediction",
+    "case",
+    "class",
+    "class_name",
+    "dice",
+    "hd95_mm",
+    "hd95_vox",
+    "hd95_mm_ssl4mis",
+    "hd95_vox_ssl4mis",
+    "gt_empty",
+    "pred_empty",
+    "no_prediction",
 )
-_METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "hd95_vox": "HD95 (voxels)",
-                  "hd95_mm_ssl4mis": "HD95 SSL4MIS (mm)", "hd95_vox_ssl4mis": "HD95 SSL4MIS (voxels)"}
+_METRIC_TITLES = {
+    "dice": "Dice",
+    "hd95_mm": "HD95 (mm)",
+    "hd95_vox": "HD95 (voxels)",
+    "hd95_mm_ssl4mis": "HD95 SSL4MIS (mm)",
+    "hd95_vox_ssl4mis": "HD95 SSL4MIS (voxels)",
+}
 _METRIC_DECIMALS = {"dice": 4, "hd95_mm": 2, "hd95_vox": 2, "hd95_mm_ssl4mis": 2, "hd95_vox_ssl4mis": 2}
 _NIFTI_SUFFIX = re.compile(r"\.(nii(\.gz)?|mha|mhd|nrrd)$", re.IGNORECASE)
 
@@ -194,16 +208,16 @@ def hd95(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float] | 
     if pred_any != gt_any:
         return _extent_diagonal(pred_mask.shape, sp)
     edges_pred, edges_gt = get_mask_edges(pred_mask, gt_mask, crop=True)
-    distances = np.concatenate([
-        convert_to_numpy(get_surface_distance(edges_pred, edges_gt, "euclidean", sp)),
-        convert_to_numpy(get_surface_distance(edges_gt, edges_pred, "euclidean", sp)),
-    ]).astype(np.float64)
+    distances = np.concatenate(
+        [
+            convert_to_numpy(get_surface_distance(edges_pred, edges_gt, "euclidean", sp)),
+            convert_to_numpy(get_surface_distance(edges_gt, edges_pred, "euclidean", sp)),
+        ]
+    ).astype(np.float64)
     return float(np.percentile(distances, 95))
 
 
-def case_metrics(
-    pred: Any, label: Any, spacing: Sequence[float], class_ids: Iterable[int]
-) -> list[dict[str, Any]]:
+def case_metrics(pred: Any, label: Any, spacing: Sequence[float], class_ids: Iterable[int]) -> list[dict[str, Any]]:
     """Dice and HD95 (mm and voxels) of one case, one row per class id.
 
     Args:
@@ -231,8 +245,14 @@ def case_metrics(
     rows = []
     for c in ids:
         pm, gm = p == c, g == c
-        row = {"class": c, "dice": dice_score(pm, gm), "hd95_mm": hd95(pm, gm, sp), "hd95_vox": hd95(pm, gm, None),
-               "gt_empty": not bool(gm.any()), "pred_empty": not bool(pm.any())}
+        row = {
+            "class": c,
+            "dice": dice_score(pm, gm),
+            "hd95_mm": hd95(pm, gm, sp),
+            "hd95_vox": hd95(pm, gm, None),
+            "gt_empty": not bool(gm.any()),
+            "pred_empty": not bool(pm.any()),
+        }
         one_empty = row["gt_empty"] or row["pred_empty"]
         row["hd95_mm_ssl4mis"] = 0.0 if one_empty else row["hd95_mm"]
         row["hd95_vox_ssl4mis"] = 0.0 if one_empty else row["hd95_vox"]
@@ -491,7 +511,9 @@ def evaluate_files(
             pred, label = _apply_mapping(pred, label_mapping), _apply_mapping(label, label_mapping)
         spacing = spacing_from_affine(label_affine)[: label.ndim]
         case_id = str(case.get("id") or _case_id_from_path(label_path))
-        rows += [{"case": case_id, **r, "no_prediction": missing_pred} for r in case_metrics(pred, label, spacing, class_ids)]
+        rows += [
+            {"case": case_id, **r, "no_prediction": missing_pred} for r in case_metrics(pred, label, spacing, class_ids)
+        ]
     return rows
 
 
@@ -557,8 +579,8 @@ class SegmentationReport:
         self.output_dir = Path(output_dir)
         self.figures, self.image_key, self.max_overlays = bool(figures), image_key, int(max_overlays)
         self.class_names = class_name_map(class_names)
-        self.class_ids = [int(c) for c in class_ids] if class_ids is not None else sorted(
-            c for c in self.class_names if c != 0
+        self.class_ids = (
+            [int(c) for c in class_ids] if class_ids is not None else sorted(c for c in self.class_names if c != 0)
         )
         if not self.class_ids:
             raise MetricsInputError(f"no foreground classes to score in class_names {self.class_names}")
@@ -652,15 +674,21 @@ class SegmentationReport:
             if self.figures and self._n_seen <= self.max_overlays and self.image_key in item:
                 self._overlay(item[self.image_key], pred, label, spacing, case_id)
 
-    def _overlay(self, image: Any, pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], case_id: str) -> None:
+    def _overlay(
+        self, image: Any, pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], case_id: str
+    ) -> None:
         from scripts.evaluation.figures import write_case_overlays
 
         image = np.asarray(torch.as_tensor(image).detach().cpu().float())
         image = image[0] if image.ndim == label.ndim + 1 else image
         write_case_overlays(
-            self.output_dir / "overlays" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', case_id)}.png", image,
-            {"ground truth": np.asarray(label.cpu()), "prediction": np.asarray(pred.cpu())}, spacing,
-            self.class_ids, title=case_id, class_names=self.class_names,
+            self.output_dir / "overlays" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', case_id)}.png",
+            image,
+            {"ground truth": np.asarray(label.cpu()), "prediction": np.asarray(pred.cpu())},
+            spacing,
+            self.class_ids,
+            title=case_id,
+            class_names=self.class_names,
         )
 
     # -- end of run ----------------------------------------------------------------------------
@@ -678,7 +706,9 @@ class SegmentationReport:
         self.summary = summarize(self.rows, self.class_names)
         self.logger.info(
             "Segmentation metrics (%d cases), written to %s:\n%s",
-            self.summary[-1]["n_cases"], self.output_dir, summary_markdown(self.summary),
+            self.summary[-1]["n_cases"],
+            self.output_dir,
+            summary_markdown(self.summary),
         )
         for entry in self.summary:
             for m in METRICS:
@@ -708,6 +738,10 @@ class SplitClassMetric:
         if values is None:
             return
         values = torch.as_tensor(values).reshape(-1).tolist()
-        names = self.class_names[1:] if len(values) == len(self.class_names) - 1 else [str(i + 1) for i in range(len(values))]
+        names = (
+            self.class_names[1:]
+            if len(values) == len(self.class_names) - 1
+            else [str(i + 1) for i in range(len(values))]
+        )
         for name, value in zip(names, values):
             engine.state.metrics[f"{self.prefix}{name}"] = float(value)

@@ -101,7 +101,9 @@ class PseudoLabelMonitor:
         registered_key: str = "registered_label",
     ):
         if "registered" in networks:
-            raise ValueError("PseudoLabelMonitor: 'registered' is reserved for the registered labels; rename that network")
+            raise ValueError(
+                "PseudoLabelMonitor: 'registered' is reserved for the registered labels; rename that network"
+            )
         self.data_loader = data_loader
         self.networks = dict(networks)
         self.inferer = inferer
@@ -176,7 +178,8 @@ class PseudoLabelMonitor:
         if writer is not None:
             writer.flush()
         logger.info(
-            "pseudo-label Dice at iteration %d: %s", iteration,
+            "pseudo-label Dice at iteration %d: %s",
+            iteration,
             ", ".join(f"{name} {dice['mean']:.4f}" for name, dice in result.items()),
         )
         self.history.append({"epoch": epoch, "iteration": iteration, "dice": result})

@@ -11,10 +11,9 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
-
-from scripts.data.data_checks import DataCheckError, check_image_file
 from pathlib import Path
 
+from scripts.data.data_checks import DataCheckError, check_image_file
 from scripts.data.datalist import LABEL_SUFFIXES, load_datalist, match_labels
 
 
@@ -93,7 +92,12 @@ def collect_labeled_inputs(
     if image_files or label_files:
         images, labels = as_list(image_files), as_list(label_files)
         if len(images) != len(labels):
-            raise DataCheckError([f"image_files has {len(images)} files and label_files {len(labels)}: give one label per image, in the same order"])
+            raise DataCheckError(
+                [
+                    f"image_files has {len(images)} files and label_files {len(labels)}: "
+                    "give one label per image, in the same order"
+                ]
+            )
         items = [{"image": os.path.abspath(i), "label": os.path.abspath(l)} for i, l in zip(images, labels)]
         origin = "image_files / label_files"
     elif image_dir or label_dir:
@@ -106,7 +110,9 @@ def collect_labeled_inputs(
         items = []
         for stem, path in image_map.items():
             if label_of[stem] is None:
-                problems.append(f"{path}: no label for this image in {label_dir} (looked for {stem} and {stem} + {'/'.join(LABEL_SUFFIXES)})")
+                problems.append(
+                    f"{path}: no label for this image in {label_dir} (looked for {stem} and {stem} + {'/'.join(LABEL_SUFFIXES)})"
+                )
             else:
                 items.append({"image": str(path), "label": str(label_of[stem])})
         used = set(label_of.values()) | set(image_map.values())  # in one folder the images are there too
@@ -115,10 +121,16 @@ def collect_labeled_inputs(
         origin = f"{image_dir} + {label_dir}"
     elif datalist:
         items = load_datalist(datalist, section)
-        problems += [f"{datalist} section {section!r}: entry {e.get('id', e['image'])} has no label" for e in items if not e.get("label")]
+        problems += [
+            f"{datalist} section {section!r}: entry {e.get('id', e['image'])} has no label"
+            for e in items
+            if not e.get("label")
+        ]
         origin = f"{datalist} section {section!r}"
     else:
-        raise DataCheckError(["no evaluation input: set image_dir + label_dir, image_files + label_files, or datalist_file"])
+        raise DataCheckError(
+            ["no evaluation input: set image_dir + label_dir, image_files + label_files, or datalist_file"]
+        )
     if not items and not problems:
         raise DataCheckError([f"{origin}: no image found"])
     for item in items:
@@ -130,4 +142,3 @@ def collect_labeled_inputs(
     if problems:
         raise DataCheckError(problems, source=origin)
     return items
-

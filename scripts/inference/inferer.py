@@ -32,8 +32,9 @@ class SliceResizeInferer(Inferer):
             mirror flips (``flip_augmentation``); 4x the network time.
     """
 
-    def __init__(self, patch_size: Sequence[int], slice_axis: int | str = "auto", sw_batch_size: int = 16,
-                 flip_tta: bool = False):
+    def __init__(
+        self, patch_size: Sequence[int], slice_axis: int | str = "auto", sw_batch_size: int = 16, flip_tta: bool = False
+    ):
         super().__init__()
         if len(patch_size) != 2:
             raise ValueError(f"patch_size must be 2D, got {patch_size!r}")

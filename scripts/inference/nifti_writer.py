@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from monai.data import NibabelWriter
 
 from scripts.data.atomic_io import atomic_path

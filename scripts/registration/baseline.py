@@ -83,8 +83,12 @@ def run_baseline(
         dice = [float(r["dice"]) for r in rows]
         failed = [c["id"] for c in cases if c["pred"] is None]
         if failed:
-            logger.warning("registration-only %s: %d volume(s) without a registered partner, counted with Dice 0: %s",
-                           method, len(failed), ", ".join(failed))
+            logger.warning(
+                "registration-only %s: %d volume(s) without a registered partner, counted with Dice 0: %s",
+                method,
+                len(failed),
+                ", ".join(failed),
+            )
         result[method] = {
             "cases": len(cases),
             "no_prediction": failed,

@@ -15,9 +15,12 @@ Conventions (fixed for the whole bundle):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: SimpleITK is imported where it is used
+    import SimpleITK as sitk
 import torch
 
 #: Flip between RAS and LPS world coordinates (its own inverse).
@@ -77,7 +80,6 @@ def sitk_image_affine(image: sitk.Image) -> np.ndarray:
     SimpleITK's index order (x, y, z) is the NIfTI voxel order (i, j, k), so an array obtained
     with ``sitk.GetArrayFromImage(img).transpose(2, 1, 0)`` pairs with this affine.
     """
-    import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * np.asarray(image.GetSpacing())[None, :]
@@ -88,6 +90,7 @@ def sitk_image_affine(image: sitk.Image) -> np.ndarray:
 def sitk_image_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """Build a SimpleITK image from an (i, j, k) array and its voxel->RAS affine."""
     import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
+
     affine = check_affine(affine)
     arr = np.asarray(array)
     if arr.ndim != 3:
@@ -104,6 +107,7 @@ def sitk_image_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 def affine_to_sitk(transform_ras: np.ndarray) -> sitk.AffineTransform:
     """RAS world 4x4 ``T_ij`` -> ``sitk.AffineTransform`` (LPS, centre 0), same point mapping."""
     import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
+
     t = ras_to_lps(check_affine(transform_ras, "transform"))
     out = sitk.AffineTransform(3)
     out.SetMatrix(t[:3, :3].ravel().tolist())
@@ -117,6 +121,7 @@ def sitk_to_affine(transform: sitk.Transform) -> np.ndarray:
     ITK maps ``p -> M (p - c) + c + t`` in LPS; this returns the equivalent RAS world matrix.
     """
     import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
+
     if transform.GetName() == "CompositeTransform":
         comp = sitk.CompositeTransform(transform)
         total = np.eye(4)
@@ -141,8 +146,10 @@ def sitk_to_affine(transform: sitk.Transform) -> np.ndarray:
 
 def voxel_transform(transform_ras: np.ndarray, affine_i: np.ndarray, affine_j: np.ndarray) -> np.ndarray:
     """Voxel-of-i -> voxel-of-j matrix ``inv(A_j) @ T_ij @ A_i`` for an affine ``T_ij``."""
-    return np.linalg.inv(check_affine(affine_j, "affine_j")) @ np.asarray(transform_ras) @ check_affine(
-        affine_i, "affine_i"
+    return (
+        np.linalg.inv(check_affine(affine_j, "affine_j"))
+        @ np.asarray(transform_ras)
+        @ check_affine(affine_i, "affine_i")
     )
 
 

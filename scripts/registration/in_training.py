@@ -50,10 +50,19 @@ class TrainingRegistration:
             (engine, engine_settings, brs, workers, num_threads, num_classes, evaluation_sections, ...).
     """
 
-    def __init__(self, datalist: str | os.PathLike, output_root: str | os.PathLike, rsl: bool = True,
-                 reps: bool = False, registration_dir: str | os.PathLike | None = None,
-                 reps_partners: int | str | None = 4, random_partner: bool = False, montage: bool = True,
-                 rsl_partners: int = 1, **runner_kwargs) -> None:
+    def __init__(
+        self,
+        datalist: str | os.PathLike,
+        output_root: str | os.PathLike,
+        rsl: bool = True,
+        reps: bool = False,
+        registration_dir: str | os.PathLike | None = None,
+        reps_partners: int | str | None = 4,
+        random_partner: bool = False,
+        montage: bool = True,
+        rsl_partners: int = 1,
+        **runner_kwargs,
+    ) -> None:
         self.source = str(datalist)
         self.output_root = Path(output_root)
         self.rsl, self.reps = bool(rsl), bool(reps)
@@ -65,8 +74,10 @@ class TrainingRegistration:
         except ValueError as e:
             raise RegistrationSetupError(str(e)) from None
         if self.random_partner and self.rsl_partners > 1:
-            raise RegistrationSetupError("brs_random_partner and rsl_partners > 1 exclude each other: "
-                                         "one random partner, or a vote of the k best")
+            raise RegistrationSetupError(
+                "brs_random_partner and rsl_partners > 1 exclude each other: "
+                "one random partner, or a vote of the k best"
+            )
         self.montage = bool(montage)
         self.runner_kwargs = runner_kwargs
         self._resolved: tuple[str, str | None] | None = None
@@ -94,8 +105,11 @@ class TrainingRegistration:
     def _resolve(self) -> tuple[str, str | None]:
         if self._resolved is None:
             self._resolved = self._choose()
-            logger.info("training datalist: %s%s", self._resolved[0],
-                        f" (registrations in {self._resolved[1]})" if self._resolved[1] else "")
+            logger.info(
+                "training datalist: %s%s",
+                self._resolved[0],
+                f" (registrations in {self._resolved[1]})" if self._resolved[1] else "",
+            )
         return self._resolved
 
     def _choose(self) -> tuple[str, str | None]:
@@ -107,7 +121,8 @@ class TrainingRegistration:
             if not datalist.is_file():
                 raise RegistrationSetupError(
                     f"{folder}: registration_dir has no {self.datalist_name}; give the output folder of "
-                    "'run registration', or leave registration_dir unset to register here")
+                    "'run registration', or leave registration_dir unset to register here"
+                )
             self._check_transforms(folder)
             return str(datalist), str(folder)
         unlabeled = read_datalist(self.source).get("unlabeled", [])
@@ -124,14 +139,19 @@ class TrainingRegistration:
         if self.reps and not (folder / "transforms.npz").exists():
             raise RegistrationSetupError(
                 f"{folder}: REPS needs the registration transforms (transforms.npz) there; pass the folder of a finished "
-                "'run registration' as --registration_dir, or a datalist without registered labels to register here")
+                "'run registration' as --registration_dir, or a datalist without registered labels to register here"
+            )
 
     def _register(self) -> tuple[str, str]:
         from scripts.registration.runner import RegistrationRunner
 
         runner = RegistrationRunner(
-            self.source, self.output_root, reps_partners=self.reps_partners,
-            random_partner_datalist=self.random_partner, rsl_partners=self.rsl_partners, **self.runner_kwargs,
+            self.source,
+            self.output_root,
+            reps_partners=self.reps_partners,
+            random_partner_datalist=self.random_partner,
+            rsl_partners=self.rsl_partners,
+            **self.runner_kwargs,
         )
         logger.info("registration before training: %s", runner.output_dir)
         runner.run()

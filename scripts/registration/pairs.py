@@ -34,7 +34,9 @@ def plan_pairs(
             pairs += _both(v, q)
     train = labeled + unlabeled
     if reps_partners == "all":
-        pairs += [PairSpec(a["id"], a["image"], b["id"], b["image"]) for a in train for b in train if a["id"] != b["id"]]
+        pairs += [
+            PairSpec(a["id"], a["image"], b["id"], b["image"]) for a in train for b in train if a["id"] != b["id"]
+        ]
     elif reps_partners:
         k = int(reps_partners)
         if k < 0:

@@ -14,8 +14,8 @@ import os
 import nibabel as nib
 import numpy as np
 
-from scripts.data.datalist import load_datalist, load_datalist_info
 from scripts.data.atomic_io import atomic_path
+from scripts.data.datalist import load_datalist, load_datalist_info
 from scripts.evaluation.figures import overlay_figure, pick_slices, slice_axis_of
 
 __all__ = ["write_qc_montage"]
@@ -27,7 +27,9 @@ def _spread(items: list, count: int) -> list:
     return [items[int(round(i))] for i in np.linspace(0, len(items) - 1, count)]
 
 
-def write_qc_montage(datalist: str | os.PathLike, path: str | os.PathLike, max_volumes: int = 8, slices: int = 3) -> str | None:
+def write_qc_montage(
+    datalist: str | os.PathLike, path: str | os.PathLike, max_volumes: int = 8, slices: int = 3
+) -> str | None:
     """Write the montage PNG of an ``rsl_datalist.json``; ``None`` when no volume has a registered label."""
     import matplotlib.image
     import matplotlib.pyplot as plt
@@ -35,7 +37,9 @@ def write_qc_montage(datalist: str | os.PathLike, path: str | os.PathLike, max_v
     entries = [e for e in load_datalist(datalist, "unlabeled") if e.get("registered_label")]
     if not entries:
         return None
-    entries.sort(key=lambda e: e["brs_score"] if e.get("brs_score") is not None and math.isfinite(e["brs_score"]) else math.inf)
+    entries.sort(
+        key=lambda e: e["brs_score"] if e.get("brs_score") is not None and math.isfinite(e["brs_score"]) else math.inf
+    )
     names = {int(k): v for k, v in load_datalist_info(datalist)["labels"].items()}
     rows = []
     for e in _spread(entries, max_volumes):

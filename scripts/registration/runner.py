@@ -35,15 +35,15 @@ import torch
 from tqdm import tqdm
 
 from ..data.atomic_io import save_nifti, write_json
-from ..data.run_folders import lock_folder
 from ..data.datalist import load_datalist, read_datalist
+from ..data.run_folders import lock_folder
+from ..worker_processes import exit_with_parent
 from .baseline import run_baseline
 from .brs import BestRegistrationSelector, usable
 from .engine import PairSpec, make_engine
 from .pairs import plan_pairs
 from .propagation import PropagateLabeld, majority_vote
 from .store import TransformStore, settings_key
-from ..worker_processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,13 @@ class RegistrationRunner:
         threads = torch.get_num_threads()  # restored below: training may follow in this process
         if self.num_threads and self.workers <= 1:
             torch.set_num_threads(int(self.num_threads))
-        bar = tqdm(total=len(pairs), initial=len(pairs) - len(pending), desc="registration", unit="pair",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=len(pairs),
+            initial=len(pairs) - len(pending),
+            desc="registration",
+            unit="pair",
+            disable=not self.progress,
+        )
         batches = [pending[s : s + self.batch_size] for s in range(0, len(pending), self.batch_size)]
         if max_batches is not None:
             batches = batches[:max_batches]
@@ -159,8 +164,11 @@ class RegistrationRunner:
 
         on_gpu = getattr(getattr(self.engine, "device", None), "type", "cpu") == "cuda"
         if on_gpu and self.workers > 1:
-            logger.info("registration on %s: one process drives the GPU (workers=%d applies to the CPU case)",
-                        self.engine.device, self.workers)
+            logger.info(
+                "registration on %s: one process drives the GPU (workers=%d applies to the CPU case)",
+                self.engine.device,
+                self.workers,
+            )
         try:
             if self.workers > 1 and not on_gpu:
                 self._register_parallel(batches, commit)
@@ -194,7 +202,9 @@ class RegistrationRunner:
 
     def completed_summary(self, pairs: list[PairSpec], with_baseline: bool) -> dict | None:
         """The stored summary when an earlier run finished every one of ``pairs`` and wrote its outputs."""
-        outputs = ["summary.json", "rsl_datalist.json"] + (["rsl_datalist_random.json"] if self.random_partner_datalist else [])
+        outputs = ["summary.json", "rsl_datalist.json"] + (
+            ["rsl_datalist_random.json"] if self.random_partner_datalist else []
+        )
         if self.rsl_partners > 1:
             outputs.append(fused_datalist_name(self.rsl_partners))
         if not all((self.output_dir / name).exists() for name in outputs):
@@ -259,16 +269,15 @@ class RegistrationRunner:
                 else:
                     entry = propagate({**entry, "partner": chosen.partner})
                     # relative to the datalist's folder (how datalists resolve paths): the folder can move
-                    entry["registered_label"] = os.path.relpath(os.path.abspath(entry["registered_label"]), os.path.abspath(self.output_dir))
+                    entry["registered_label"] = os.path.relpath(
+                        os.path.abspath(entry["registered_label"]), os.path.abspath(self.output_dir)
+                    )
                     entry["brs_score"] = float(chosen.score)
                 out_unlabeled.append(entry)
             write_json(self.output_dir / filename, {**data, "unlabeled": out_unlabeled})
         if self.rsl_partners > 1:
             self._write_fused(data, ranking, propagate)
-        write_json(
-            self.output_dir / "brs.json",
-            {t: [s.__dict__ for s in scores] for t, scores in ranking.items()},
-        )
+        write_json(self.output_dir / "brs.json", {t: [s.__dict__ for s in scores] for t, scores in ranking.items()})
         summary = {
             "settings": self.settings,
             "output_dir": str(self.output_dir),
@@ -281,8 +290,15 @@ class RegistrationRunner:
         }
         if evaluation:
             summary["baseline"] = run_baseline(
-                table, labeled, evaluation, self.selector, self.output_dir / "baseline",
-                self.top_k, self.propagation_mode, self.num_classes, read_class_names(self.datalist),
+                table,
+                labeled,
+                evaluation,
+                self.selector,
+                self.output_dir / "baseline",
+                self.top_k,
+                self.propagation_mode,
+                self.num_classes,
+                read_class_names(self.datalist),
                 read_label_mapping(self.datalist),
             )
         write_json(self.output_dir / "summary.json", summary)
@@ -309,8 +325,12 @@ class RegistrationRunner:
                 images = [nib.load(w) for w in warped]
                 fused = majority_vote([np.asarray(im.dataobj) for im in images], self.num_classes)
                 save_nifti(fused, images[0].affine, path, dtype=np.uint8)
-            entry.update(registered_label=os.path.relpath(os.path.abspath(path), os.path.abspath(self.output_dir)),
-                         partner=top[0].partner, brs_score=float(top[0].score), partners=[r.partner for r in top])
+            entry.update(
+                registered_label=os.path.relpath(os.path.abspath(path), os.path.abspath(self.output_dir)),
+                partner=top[0].partner,
+                brs_score=float(top[0].score),
+                partners=[r.partner for r in top],
+            )
             out_unlabeled.append(entry)
         write_json(self.output_dir / fused_datalist_name(k), {**data, "unlabeled": out_unlabeled})
 
@@ -319,8 +339,10 @@ def checked_rsl_partners(value: int | None) -> int:
     """``rsl_partners`` as a number: 1 (the best BRS partner; ``None`` too) or at least 3 (a vote)."""
     k = 1 if value is None else int(value)
     if k < 1 or k == 2:
-        raise ValueError(f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a majority vote), got {value}: "
-                         "a vote of 2 is the best partner's label (every disagreement is a tie it wins)")
+        raise ValueError(
+            f"rsl_partners must be 1 (the best BRS partner) or at least 3 (a majority vote), got {value}: "
+            "a vote of 2 is the best partner's label (every disagreement is a tie it wins)"
+        )
     return k
 
 

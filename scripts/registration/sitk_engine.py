@@ -117,8 +117,10 @@ class SitkRegistrationEngine:
         self.sampling, self.num_bins = float(sampling), int(num_bins)
         self.learning_rate, self.min_step, self.init = float(learning_rate), float(min_step), init
         self.roi_fraction = float(roi_fraction)
-        self.bspline, self.bspline_spacing, self.bspline_iterations = bool(bspline), float(bspline_spacing), int(
-            bspline_iterations
+        self.bspline, self.bspline_spacing, self.bspline_iterations = (
+            bool(bspline),
+            float(bspline_spacing),
+            int(bspline_iterations),
         )
         if bspline_metric not in ("mattes", "meansquares"):
             raise ValueError(f"bspline_metric must be 'mattes' or 'meansquares', got {bspline_metric!r}")
@@ -145,8 +147,12 @@ class SitkRegistrationEngine:
             "seed": self.seed,
         }
         if self.bspline:
-            s.update(bspline_spacing=self.bspline_spacing, bspline_iterations=self.bspline_iterations,
-                     bspline_evaluations=self.bspline_evaluations, bspline_metric=self.bspline_metric)
+            s.update(
+                bspline_spacing=self.bspline_spacing,
+                bspline_iterations=self.bspline_iterations,
+                bspline_evaluations=self.bspline_evaluations,
+                bspline_metric=self.bspline_metric,
+            )
         return s
 
     def _method(self, fixed: sitk.Image) -> sitk.ImageRegistrationMethod:
@@ -170,8 +176,15 @@ class SitkRegistrationEngine:
             fixed_full = to_sitk_image(self.cache.full(pair.fixed_path))
             moving_full = to_sitk_image(self.cache.full(pair.moving_path))
         except Exception as exc:  # an unreadable volume: an input error, retried on the next run
-            return PairResult(pair.fixed_id, pair.moving_id, None, INPUT_ERROR, f"load: {type(exc).__name__}: {exc}"[:500],
-                              float("nan"), time.perf_counter() - start)
+            return PairResult(
+                pair.fixed_id,
+                pair.moving_id,
+                None,
+                INPUT_ERROR,
+                f"load: {type(exc).__name__}: {exc}"[:500],
+                float("nan"),
+                time.perf_counter() - start,
+            )
         try:
             mode = (
                 sitk.CenteredTransformInitializerFilter.MOMENTS
@@ -204,14 +217,24 @@ class SitkRegistrationEngine:
             det = float(np.linalg.det(matrix[:3, :3]))
             if not np.all(np.isfinite(matrix)) or det <= 0 or abs(np.log(det)) > self.max_log_det:
                 return PairResult(
-                    pair.fixed_id, pair.moving_id, None, "failed", f"diverged: det={det:.3g}", metric,
+                    pair.fixed_id,
+                    pair.moving_id,
+                    None,
+                    "failed",
+                    f"diverged: det={det:.3g}",
+                    metric,
                     time.perf_counter() - start,
                 )
             return PairResult(pair.fixed_id, pair.moving_id, transform, "ok", "", metric, time.perf_counter() - start)
         except Exception as exc:  # recorded, never fatal
             return PairResult(
-                pair.fixed_id, pair.moving_id, None, "failed", f"{type(exc).__name__}: {exc}".strip()[:500],
-                float("nan"), time.perf_counter() - start,
+                pair.fixed_id,
+                pair.moving_id,
+                None,
+                "failed",
+                f"{type(exc).__name__}: {exc}".strip()[:500],
+                float("nan"),
+                time.perf_counter() - start,
             )
 
     def _bspline(self, fixed_full, moving_full, affine) -> tuple[PairTransform, float]:
@@ -224,8 +247,11 @@ class SitkRegistrationEngine:
         reg = self._method(fixed)
         if self.bspline_metric == "meansquares":
             reg.SetMetricAsMeanSquares()
-        reg.SetOptimizerAsLBFGSB(numberOfIterations=self.bspline_iterations, maximumNumberOfCorrections=5,
-                                 maximumNumberOfFunctionEvaluations=self.bspline_evaluations)
+        reg.SetOptimizerAsLBFGSB(
+            numberOfIterations=self.bspline_iterations,
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=self.bspline_evaluations,
+        )
         reg.SetMovingInitialTransform(affine)
         reg.SetInitialTransform(bs, inPlace=True)
         reg.Execute(fixed, moving)

@@ -255,7 +255,9 @@ def write_fields(path: Path, fields: dict[str, tuple[np.ndarray, np.ndarray]]) -
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
             for key, (fld, aff) in fields.items():
-                ds = h5.create_dataset(key.replace("/", "_"), data=np.asarray(fld, dtype=np.float32), compression="gzip")
+                ds = h5.create_dataset(
+                    key.replace("/", "_"), data=np.asarray(fld, dtype=np.float32), compression="gzip"
+                )
                 ds.attrs["affine"] = np.asarray(aff, dtype=np.float64)
                 ds.attrs["key"] = key
 

@@ -180,7 +180,11 @@ class TorchRegistrationEngine:
         self.rotations = tuple(float(r) for r in rotations) or (0.0,)
         self.deformable = bool(deformable)
         self.field_spacing = tuple(float(s) for s in field_spacing)
-        self.field_iterations, self.field_lr, self.smoothness = int(field_iterations), float(field_lr), float(smoothness)
+        self.field_iterations, self.field_lr, self.smoothness = (
+            int(field_iterations),
+            float(field_lr),
+            float(smoothness),
+        )
         if dof not in ("affine", "inplane"):
             raise ValueError(f"dof must be 'affine' or 'inplane', got {dof!r}")
         self.dof = dof
@@ -266,7 +270,9 @@ class TorchRegistrationEngine:
     def _sample(self, batch: _Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random fixed voxel indices ``(B, N, 3)`` inside each ROI and their intensities ``(B, N)``."""
         b = batch.fixed.shape[0]
-        u = torch.rand((b, self.num_points, 3), generator=gen).to(self.device)  # drawn on the CPU: same samples on every device
+        u = torch.rand((b, self.num_points, 3), generator=gen).to(
+            self.device
+        )  # drawn on the CPU: same samples on every device
         idx = torch.floor(batch.roi_lo[:, None] + u * (batch.roi_hi - batch.roi_lo)[:, None])
         pad = batch.fixed.shape[2:]
         flat = (idx[..., 0] * pad[1] * pad[2] + idx[..., 1] * pad[2] + idx[..., 2]).long()
@@ -477,7 +483,5 @@ class TorchRegistrationEngine:
                     transform = PairTransform(mat, field[b].numpy(), field_affines[b])
                 else:
                     transform = PairTransform(mat)
-            results.append(
-                PairResult(p.fixed_id, p.moving_id, transform, status, reason, float(sim[b]), elapsed)
-            )
+            results.append(PairResult(p.fixed_id, p.moving_id, transform, status, reason, float(sim[b]), elapsed))
         return results

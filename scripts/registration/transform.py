@@ -10,10 +10,14 @@ transform first), so both engines export to, and downstream code reads, one repr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: SimpleITK is imported where it is used
+    import SimpleITK as sitk
 
 from .geometry import (
     GeometryError,
@@ -75,6 +79,7 @@ class PairTransform:
     def to_sitk(self) -> sitk.Transform:
         """Equivalent SimpleITK transform (LPS): affine, or composite affine o displacement field."""
         import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
+
         affine = affine_to_sitk(self.matrix)
         if self.field is None:
             return affine
@@ -93,6 +98,7 @@ class PairTransform:
     def from_sitk(cls, transform: sitk.Transform) -> "PairTransform":
         """Read back an affine-family transform or a composite ``[affine, displacement field]``."""
         import SimpleITK as sitk  # only the SimpleITK engine and conversions need it
+
         if transform.GetName() == "CompositeTransform":
             comp = sitk.CompositeTransform(transform)
             parts = [comp.GetNthTransform(n) for n in range(comp.GetNumberOfTransforms())]

@@ -27,7 +27,7 @@ from ignite.handlers import Checkpoint
 from monai.transforms import Randomizable
 
 from scripts.data.atomic_io import atomic_path
-from scripts.user_errors import RunStopped
+from scripts.user_errors import RunStopped, quiet_engine_error_logs
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,9 @@ class RNGState:
             for t, s in zip(self.transforms, saved):
                 t.R.set_state(s)
         elif saved:
-            logger.warning("RNGState: %d transform generators saved, %d now; not restored", len(saved), len(self.transforms))
+            logger.warning(
+                "RNGState: %d transform generators saved, %d now; not restored", len(saved), len(self.transforms)
+            )
 
 
 class BestModelSaver:
@@ -108,8 +110,15 @@ class BestModelSaver:
     time, so that inference rebuilds exactly the network that was saved.
     """
 
-    def __init__(self, save_path: str, network: torch.nn.Module, metric_name: str | None = None, greater_is_better: bool = True,
-                 model_config: Mapping | None = None, model_config_path: str | None = None):
+    def __init__(
+        self,
+        save_path: str,
+        network: torch.nn.Module,
+        metric_name: str | None = None,
+        greater_is_better: bool = True,
+        model_config: Mapping | None = None,
+        model_config_path: str | None = None,
+    ):
         self.save_path = str(save_path)
         self.model_config = model_config
         self.model_config_path = model_config_path or os.path.join(os.path.dirname(self.save_path), "model_config.json")
@@ -132,15 +141,25 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         name = self.metric_name or getattr(engine.state, "key_metric_name", None)
         if name is None or name not in engine.state.metrics:
-            raise KeyError(f"BestModelSaver: metric {name!r} not in the evaluator's metrics {list(engine.state.metrics)}")
+            raise KeyError(
+                f"BestModelSaver: metric {name!r} not in the evaluator's metrics {list(engine.state.metrics)}"
+            )
         value = float(engine.state.metrics[name])
         if not np.isfinite(value) or not self._improved(value):
             return
         net = self.network.module if hasattr(self.network, "module") else self.network
-        bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = [
+            name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
         if bad:
-            logger.error("%s %.4f at epoch %d not saved: %d tensors of the network are non-finite (first: %s)",
-                         name, value, int(engine.state.epoch), len(bad), bad[0])
+            logger.error(
+                "%s %.4f at epoch %d not saved: %d tensors of the network are non-finite (first: %s)",
+                name,
+                value,
+                int(engine.state.epoch),
+                len(bad),
+                bad[0],
+            )
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
         if self.model_config is not None:
@@ -181,8 +200,14 @@ class TrainStateCheckpoint:
         interval: epochs between saves (one epoch = one validation interval in these configs).
     """
 
-    def __init__(self, path: str, save_dict: Mapping[str, object], resume: bool = False, interval: int = 1,
-                 stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
+    def __init__(
+        self,
+        path: str,
+        save_dict: Mapping[str, object],
+        resume: bool = False,
+        interval: int = 1,
+        stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT"),
+    ):
         self.path = str(path)
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.resume = bool(resume)
@@ -208,6 +233,7 @@ class TrainStateCheckpoint:
     # -- stop on SIGTERM / SIGINT ----------------------------------------------------------------
 
     def _install_signal_handlers(self, engine: Engine) -> None:
+        quiet_engine_error_logs()  # a stop (or a refused batch) prints its one line, not the engines' error logs
         if threading.current_thread() is not threading.main_thread():
             return
         self._owner_pid = os.getpid()
@@ -231,8 +257,11 @@ class TrainStateCheckpoint:
             os.kill(os.getpid(), signum)
             return
         self._stop_requested = signum
-        logger.warning("%s received: saving the training state after this iteration, then stopping "
-                       "(send it again to stop at once)", signal.Signals(signum).name)
+        logger.warning(
+            "%s received: saving the training state after this iteration, then stopping "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def _stop_if_requested(self, engine: Engine) -> None:
         if self._stop_requested is not None:
@@ -246,7 +275,8 @@ class TrainStateCheckpoint:
         name = signal.Signals(self._stop_requested).name
         raise RunStopped(
             f"training stopped by {name} at iteration {engine.state.iteration}; its state is saved in {self.path}. "
-            "Run the same command with --resume true to continue from there")
+            "Run the same command with --resume true to continue from there"
+        )
 
     def save(self, engine: Engine | None = None) -> None:
         state = {}
@@ -271,4 +301,6 @@ class TrainStateCheckpoint:
         if engine is not None:
             # the length of this run comes from this run's config, so a finished run can be extended
             engine.state.max_epochs = max_epochs
-            logger.info("resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration)
+            logger.info(
+                "resumed from %s at epoch %d, iteration %d", self.path, engine.state.epoch, engine.state.iteration
+            )

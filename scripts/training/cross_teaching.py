@@ -17,7 +17,7 @@ see :mod:`scripts.data.semi_supervised_data`. Each network runs *once* on ``[x_l
 
   with the uncertainty threshold rising from 0.75 to 1.0 of ``uncertainty_max`` over training;
 * ``none``: one network A (no B, no peer), trained by the supervised loss on ``x_l`` plus the
-  optional terms below on ``x_u`` (TAC: ``configs/variants/tac.yaml``)::
+  optional terms below on ``x_u`` (TAC: ``configs/variant_tac.yaml``)::
 
       L_A = L_sup(A(x_l), y) + w_tac * R_A + w_rsl * L_sup(A(x_u), r)
 
@@ -57,22 +57,22 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.engines import SupervisedTrainer
-from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
 from monai.inferers import SimpleInferer
 from torch import nn
 from torch.optim import Optimizer
 
+from scripts.data.semi_supervised_data import SemiSupervisedBatch, SemiSupervisedPrepareBatch
 from scripts.training.consistency_weight import RampUpWeight, sigmoid_ramp_up
 from scripts.training.mean_teacher import ema_update, noisy_teacher_predictions, unwrap
-from scripts.data.semi_supervised_data import SemiSupervisedBatch, SemiSupervisedPrepareBatch
-from scripts.training.weak_to_strong import StrongPerturbation, confident_cross_entropy, feature_dropout
 from scripts.training.semi_supervised_losses import (
     PseudoLabelCELoss,
     PseudoLabelDiceLoss,
     SelectedSamplesLoss,
     UncertaintyMaskedMSE,
 )
+from scripts.training.weak_to_strong import StrongPerturbation, confident_cross_entropy, feature_dropout
 
 __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 
@@ -126,6 +126,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
         w2s_dropout: channel dropout of the feature-perturbed pass.
         strong_perturbation: the strong view (default :class:`scripts.training.weak_to_strong.StrongPerturbation`).
+        inferer: how a network is applied to a batch of slices (default ``SimpleInferer``: the whole patch at once).
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
 
@@ -161,6 +162,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_threshold: float = 0.95,
         w2s_dropout: float = 0.5,
         strong_perturbation: Callable | None = None,
+        inferer: Callable | None = None,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = False,
@@ -168,7 +170,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if consistency not in CONSISTENCY_METHODS:
             raise ValueError(f"consistency must be one of {CONSISTENCY_METHODS}, got {consistency!r}")
         if consistency == "mean_teacher" and optimizer_b is not None:
-            raise ValueError("mean_teacher: net_b is the EMA teacher of net_a and must have no optimizer (optimizer_b=None)")
+            raise ValueError(
+                "mean_teacher: net_b is the EMA teacher of net_a and must have no optimizer (optimizer_b=None)"
+            )
         if consistency == "none" and (net_b is not None or optimizer_b is not None):
             raise ValueError("none: one network is trained; net_b and optimizer_b must be None")
         if consistency not in ("mean_teacher", "none") and (net_b is None or optimizer_b is None):
@@ -185,7 +189,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             prepare_batch=SemiSupervisedPrepareBatch() if prepare_batch is None else prepare_batch,
-            inferer=SimpleInferer(),
+            inferer=SimpleInferer() if inferer is None else inferer,
             train_handlers=train_handlers,
             amp=False,  # set below: MONAI builds a deprecated CUDA-only GradScaler that warns on a CPU
             decollate=False,  # the output is a dict of scalars; nothing to decollate
@@ -220,7 +224,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
             raise ValueError("rsl_schedule 'fade' needs num_iterations (or a RampUpWeight consistency_weight)")
         self.rsl_schedule = rsl_schedule
         self._w_rsl_now = self.rsl_weight
-        _check_term("contrastive", contrastive, contrastive_weight, "scripts.contrastive.contrastive_term.ContrastiveTerm")
+        _check_term(
+            "contrastive", contrastive, contrastive_weight, "scripts.contrastive.contrastive_term.ContrastiveTerm"
+        )
         self.contrastive = contrastive
         self.contrastive_weight = float(contrastive_weight)
         self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
@@ -233,8 +239,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if float(w2s_weight) < 0:
             raise ValueError(f"w2s_weight must be >= 0, got {w2s_weight!r}")
         if float(w2s_weight) > 0 and consistency not in ("cross_teaching", "cps"):
-            raise ValueError(f"weak-to-strong consistency needs two students (cross_teaching or cps), not {consistency!r}")
-        self.w2s_weight, self.w2s_threshold, self.w2s_dropout = float(w2s_weight), float(w2s_threshold), float(w2s_dropout)
+            raise ValueError(
+                f"weak-to-strong consistency needs two students (cross_teaching or cps), not {consistency!r}"
+            )
+        self.w2s_weight, self.w2s_threshold, self.w2s_dropout = (
+            float(w2s_weight),
+            float(w2s_threshold),
+            float(w2s_dropout),
+        )
         self.strong_perturbation = StrongPerturbation() if strong_perturbation is None else strong_perturbation
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
@@ -270,7 +282,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a, out_b = self.network(x), self.net_b(x)
+        out_a, out_b = self.inferer(x, self.network), self.inferer(x, self.net_b)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = {
             "sup_a": self.loss_function(out_a[:n], batch.label),
@@ -284,8 +296,13 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
             loss_a = loss_a + self.affinity_weight * terms["tac_a"]
         if self.contrastive_on:
-            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, torch.softmax(out_b[n:].detach().float(), 1),
-                                                                 out_b, torch.softmax(out_a[n:].detach().float(), 1), batch)
+            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(
+                out_a,
+                torch.softmax(out_b[n:].detach().float(), 1),
+                out_b,
+                torch.softmax(out_a[n:].detach().float(), 1),
+                batch,
+            )
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
             loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         # last: the extra passes of weak-to-strong replace the feature maps the taps above read
@@ -308,18 +325,18 @@ class CrossTeachingTrainer(SupervisedTrainer):
         view = self.strong_perturbation(x_u)
         conf_a, label_a = torch.softmax(weak_a.detach().float(), 1).max(dim=1)
         conf_b, label_b = torch.softmax(weak_b.detach().float(), 1).max(dim=1)
-        strong_a, strong_b = self.network(view.image), self.net_b(view.image)
+        strong_a, strong_b = self.inferer(view.image, self.network), self.inferer(view.image, self.net_b)
         with feature_dropout(self.network, self.w2s_dropout):
-            fp_a = self.network(x_u)
+            fp_a = self.inferer(x_u, self.network)
         with feature_dropout(self.net_b, self.w2s_dropout):
-            fp_b = self.net_b(x_u)
+            fp_b = self.inferer(x_u, self.net_b)
         t = self.w2s_threshold
         terms = {
             "strong_a": confident_cross_entropy(strong_a, view.mix(label_b), view.mix(conf_b), t),
             "strong_b": confident_cross_entropy(strong_b, view.mix(label_a), view.mix(conf_a), t),
             "fp_a": confident_cross_entropy(fp_a, label_b, conf_b, t),
             "fp_b": confident_cross_entropy(fp_b, label_a, conf_a, t),
-            "confident_a": (conf_a >= t).float().mean(),   # share of pixels A teaches B with
+            "confident_a": (conf_a >= t).float().mean(),  # share of pixels A teaches B with
             "confident_b": (conf_b >= t).float().mean(),
         }
         if self.rsl_weight > 0:
@@ -333,7 +350,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _mean_teacher(self, batch: SemiSupervisedBatch, w: float, iteration: int) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a = self.network(x)
+        out_a = self.inferer(x, self.network)
         target, uncertainty = noisy_teacher_predictions(
             self.net_b, batch.unlabeled_image, self.uncertainty_passes, self.noise_std, self.noise_clip
         )
@@ -359,7 +376,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _one_network(self, batch: SemiSupervisedBatch) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a = self.network(x)
+        out_a = self.inferer(x, self.network)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = {"sup_a": self.loss_function(out_a[:n], batch.label)}
         loss_a = terms["sup_a"]
@@ -445,13 +462,17 @@ class CrossTeachingTrainer(SupervisedTrainer):
             for opt in engine._optimizers():
                 opt.step()
         if engine.consistency == "mean_teacher":
-            terms["ema_alpha"] = torch.tensor(ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration))
+            terms["ema_alpha"] = torch.tensor(
+                ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration)
+            )
         terms["w_cps"] = torch.tensor(w)
         if engine.rsl_weight > 0:
             terms["w_rsl"] = torch.tensor(engine._w_rsl_now)
         if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
-                terms[f"reps_found_{which}"] = torch.as_tensor(share)  # anchors with a registered positive (device scalar)
+                terms[f"reps_found_{which}"] = torch.as_tensor(
+                    share
+                )  # anchors with a registered positive (device scalar)
         engine.state.output["terms"] = {k: v.detach().float() for k, v in terms.items()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -28,8 +28,11 @@ class FreshRunLogFilter(logging.Filter):
         match = _RESUMING_AT_ZERO.match(str(record.msg)) if not record.args else None
         if match:
             epoch, total, unit = match.groups()
-            record.msg = (f"Engine run starting with max_epochs={total}" if epoch == "0"
-                          else f"Engine run starting (epoch {int(epoch) + 1} of {total})")
+            record.msg = (
+                f"Engine run starting with max_epochs={total}"
+                if epoch == "0"
+                else f"Engine run starting (epoch {int(epoch) + 1} of {total})"
+            )
             if unit == "iterations":
                 record.msg = f"Engine run starting with max_iters={total}"
         return True

@@ -9,8 +9,8 @@ the same operations as on a GPU (the code path is shared), so a test can assert 
 iteration issues none of the synchronising ones. ``Tensor.tolist()`` and ``.numpy()`` of a device
 tensor (which dispatch no operation a CPU run could see) are caught by a function mode entered with
 it: on a CUDA run only, like device -> host copies; on a CPU run a tensor's device cannot tell a
-device value from host metadata (MONAI's own losses call ``tolist()`` on host-made ``arange``). On a CUDA device it also catches device -> host
-copies (``_to_copy`` / ``copy_`` whose result is on the CPU while an input is not).
+device value from host metadata (MONAI's own losses call ``tolist()`` on host-made ``arange``). On a CUDA
+device it also catches device -> host copies (``_to_copy`` / ``copy_`` whose result is on the CPU while an input is not).
 """
 
 from __future__ import annotations
@@ -24,21 +24,31 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["SYNC_OPS", "HostSyncCounter"]
 
 #: ATen overload packets that need a device value on the host (any arguments).
-SYNC_OPS = frozenset({
-    "aten::_local_scalar_dense",   # .item(), float(t), int(t), bool(t), .tolist()
-    "aten::nonzero", "aten::nonzero_static_", "aten::argwhere",
-    "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-    "aten::masked_select",
-    "aten::equal",                 # torch.equal returns a Python bool
-    "aten::is_nonzero",
-    "aten::_assert_async",
-})
+SYNC_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",  # .item(), float(t), int(t), bool(t), .tolist()
+        "aten::nonzero",
+        "aten::nonzero_static_",
+        "aten::argwhere",
+        "aten::unique",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::masked_select",
+        "aten::equal",  # torch.equal returns a Python bool
+        "aten::is_nonzero",
+        "aten::_assert_async",
+    }
+)
 
 
 def _bool_index(args) -> bool:
     """Whether an ``index`` / ``index_put`` call indexes with a boolean mask (its size depends on the data)."""
     indices = args[1] if len(args) > 1 else None
-    return isinstance(indices, (list, tuple)) and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return isinstance(indices, (list, tuple)) and any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices
+    )
 
 
 #: Tensor methods that copy a tensor's data to the host without an ATen op a CPU run would see.
@@ -70,7 +80,9 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.ops: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
-        self.where: Counter[str] | None = Counter() if where else None  # the calling line of each sync (with where=True)
+        self.where: Counter[str] | None = (
+            Counter() if where else None
+        )  # the calling line of each sync (with where=True)
 
     def _record(self, name: str) -> None:
         self.syncs[name] += 1
@@ -104,10 +116,15 @@ class HostSyncCounter(TorchDispatchMode):
         self.ops[name] += 1
         if name in SYNC_OPS:
             self._record(name)
-        elif name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl") and _bool_index(args):
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl") and _bool_index(
+            args
+        ):
             self._record(f"{name} (boolean mask)")
-        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and (
-                len(args) == 1 or (len(args) > 1 and isinstance(args[1], torch.Tensor))):
+        elif (
+            name == "aten::repeat_interleave"
+            and kwargs.get("output_size") is None
+            and (len(args) == 1 or (len(args) > 1 and isinstance(args[1], torch.Tensor)))
+        ):
             self._record(f"{name} (tensor repeats)")
         out = func(*args, **kwargs)
         if name in ("aten::_to_copy", "aten::copy_") and isinstance(out, torch.Tensor) and out.device.type == "cpu":

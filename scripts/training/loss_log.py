@@ -68,13 +68,13 @@ class LossLog:
         self.log_every = max(1, int(log_every))
         self.state_path = state_path
         self.loss_key = loss_key
-        self.loss: float | None = None          # mean loss since the previous copy (host)
-        self.terms: dict[str, float] = {}        # mean of each term since the previous copy (host)
-        self.iteration = 0                       # the iteration of the last copy
+        self.loss: float | None = None  # mean loss since the previous copy (host)
+        self.terms: dict[str, float] = {}  # mean of each term since the previous copy (host)
+        self.iteration = 0  # the iteration of the last copy
         self._names: list[str] = []
-        self._sum: torch.Tensor | None = None    # device: (T,) sums of the finite values
+        self._sum: torch.Tensor | None = None  # device: (T,) sums of the finite values
         self._count: torch.Tensor | None = None  # device: (T,) how many were finite
-        self._bad: torch.Tensor | None = None    # device: [non-finite losses, first such iteration (or -1)]
+        self._bad: torch.Tensor | None = None  # device: [non-finite losses, first such iteration (or -1)]
         self._ids: deque[tuple[int, list[str]]] = deque(maxlen=self.log_every)
         self._epoch: dict[str, list[float]] = {}
 
@@ -98,25 +98,33 @@ class LossLog:
         if loss is None:
             return
         opts = _optimizers(engine)
-        if not opts or not all(_fused(o) for o in opts):   # cannot skip on the device: read it now, stop before the update
+        if not opts or not all(
+            _fused(o) for o in opts
+        ):  # cannot skip on the device: read it now, stop before the update
             if not bool(torch.isfinite(loss).all()):
-                raise NonFiniteLossError(nonfinite_message(engine.state.iteration, float(loss.float().mean()),
-                                                           batch_volume_ids(engine.state.batch), self.state_path))
+                raise NonFiniteLossError(
+                    nonfinite_message(
+                        engine.state.iteration,
+                        float(loss.float().mean()),
+                        batch_volume_ids(engine.state.batch),
+                        self.state_path,
+                    )
+                )
             return
         bad = (~torch.isfinite(loss.float())).any()
         if self._bad is None:
             self._bad = torch.tensor([0, -1], dtype=torch.long, device=loss.device)
         first = torch.where((self._bad[1] < 0) & bad, engine.state.iteration, self._bad[1])
         self._bad = torch.stack([self._bad[0] + bad.long(), first])
-        if not _scaler_active(engine):   # a gradient scaler hands its own found_inf to the optimizers
+        if not _scaler_active(engine):  # a gradient scaler hands its own found_inf to the optimizers
             flag = bad.float()
             for opt in opts:
-                opt.found_inf = flag   # the fused step skips the update where it is 1
+                opt.found_inf = flag  # the fused step skips the update where it is 1
                 opt.grad_scale = None
 
     # ------------------------------------------------------------------ sums and copies
     def iteration_completed(self, engine: Engine) -> None:
-        for opt in _optimizers(engine):   # the flag applies to this iteration's step only
+        for opt in _optimizers(engine):  # the flag applies to this iteration's step only
             for attr in ("found_inf", "grad_scale"):
                 if attr in opt.__dict__:
                     delattr(opt, attr)
@@ -131,7 +139,9 @@ class LossLog:
         if values:
             if list(values) != self._names:
                 self._merge_names(list(values), next(iter(values.values())).device)
-            stacked = torch.stack([values[k].to(self._sum.device) if k in values else self._sum.new_zeros(()) for k in self._names])
+            stacked = torch.stack(
+                [values[k].to(self._sum.device) if k in values else self._sum.new_zeros(()) for k in self._names]
+            )
             finite = torch.isfinite(stacked)
             self._sum += torch.where(finite, stacked, 0.0)
             self._count += finite.long()
@@ -163,7 +173,7 @@ class LossLog:
         parts = [] if self._sum is None else [self._sum.double(), self._count.double()]
         if self._bad is not None:
             parts.append(self._bad.double())
-        host = torch.cat(parts).tolist()   # one stacked copy (the only device read of the training loop)
+        host = torch.cat(parts).tolist()  # one stacked copy (the only device read of the training loop)
         n = len(self._names)
         if self._bad is not None and host[2 * n] > 0:
             self._raise(engine, int(host[2 * n]), int(host[2 * n + 1]))
@@ -183,7 +193,9 @@ class LossLog:
 
     def _raise(self, engine: Engine, count: int, iteration: int) -> None:
         ids = next((i for it, i in self._ids if it == iteration), None)
-        raise NonFiniteLossError(nonfinite_message(iteration, math.nan, ids, self.state_path, skipped=True, count=count))
+        raise NonFiniteLossError(
+            nonfinite_message(iteration, math.nan, ids, self.state_path, skipped=True, count=count)
+        )
 
     def epoch_started(self, engine: Engine) -> None:
         self._epoch = {}

@@ -39,7 +39,17 @@ from monai.bundle import ConfigParser
 from scripts.data.atomic_io import write_json
 from scripts.user_errors import BundleInputError
 
-__all__ = ["ModelConfigError", "build", "build_model", "checked_patch_size", "checked_flip_tta", "trained_with_flips", "read_model_config", "write_model_config", "load_weights"]
+__all__ = [
+    "ModelConfigError",
+    "build",
+    "build_model",
+    "checked_patch_size",
+    "checked_flip_tta",
+    "trained_with_flips",
+    "read_model_config",
+    "write_model_config",
+    "load_weights",
+]
 
 FORMAT = 1
 _REQUIRED = ("networks", "patch_size", "class_names", "intensity")
@@ -98,7 +108,8 @@ def checked_patch_size(config: Mapping[str, Any], requested: Any = None) -> list
     if requested != trained:
         raise ModelConfigError(
             f"patch_size {requested} differs from the {trained} this model was trained at (model_config.json); "
-            "inference at another patch size segments at another scale. Leave --patch_size unset")
+            "inference at another patch size segments at another scale. Leave --patch_size unset"
+        )
     return trained
 
 
@@ -114,7 +125,8 @@ def checked_flip_tta(config: Mapping[str, Any], requested: bool) -> bool:
     if requested and not trained_with_flips(config):
         raise ModelConfigError(
             "flip_tta: this model was trained without mirror flips (flip_augmentation false in model_config.json, "
-            "e.g. abdominal CT, where a mirror image swaps left and right organs); leave --flip_tta unset")
+            "e.g. abdominal CT, where a mirror image swaps left and right organs); leave --flip_tta unset"
+        )
     return bool(requested)
 
 
@@ -139,8 +151,9 @@ def _check(config: Mapping[str, Any], where: str) -> None:
             raise ModelConfigError(f"{where}: network {name!r} has no 'type'")
 
 
-def read_model_config(path: str | os.PathLike, default: Mapping[str, Any] | None = None,
-                      model_path: str | os.PathLike | None = None) -> dict:
+def read_model_config(
+    path: str | os.PathLike, default: Mapping[str, Any] | None = None, model_path: str | os.PathLike | None = None
+) -> dict:
     """Read ``model_config.json``; ``default`` (if given) when the file does not exist and there is no
     trained model either (``model_path`` missing: a fresh clone, e.g. for ``verify_net_in_out``).
 
@@ -155,7 +168,8 @@ def read_model_config(path: str | os.PathLike, default: Mapping[str, Any] | None
         if model_path is not None and Path(model_path).exists():
             raise ModelConfigError(
                 f"{model_path} has no model description beside it ({path} is missing): copy the model_config.json written "
-                "with these weights next to them, or pass --model_config_file PATH to the one to use")
+                "with these weights next to them, or pass --model_config_file PATH to the one to use"
+            )
         if default is None:
             raise ModelConfigError(f"{path}: no model description; train a model first (run training writes it)")
         return {"format": FORMAT, **_plain(default)}
@@ -169,8 +183,12 @@ def read_model_config(path: str | os.PathLike, default: Mapping[str, Any] | None
     return config
 
 
-def load_weights(network: torch.nn.Module, model_path: str | os.PathLike, config: Mapping[str, Any] | None = None,
-                 map_location: str | torch.device = "cpu") -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module,
+    model_path: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> torch.nn.Module:
     """Load ``model.pt`` (a flat ``state_dict``, read with ``weights_only=True``) into ``network``.
 
     A checkpoint that does not fit the network gets one message naming both files' variants and the
@@ -199,7 +217,9 @@ def load_weights(network: torch.nn.Module, model_path: str | os.PathLike, config
             details.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
         if shapes:
             k = shapes[0]
-            details.append(f"{len(shapes)} of another shape (first: {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            details.append(
+                f"{len(shapes)} of another shape (first: {k} {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise ModelConfigError(
             f"{model_path} does not fit the network of the model description (variant {variant!r}): "
             + "; ".join(details)

@@ -6,12 +6,12 @@
 * :class:`SSL4MISUNet` — the 2D U-Net of the SSL4MIS code that CTS, MCSC and CCT-R build on:
   BatchNorm, LeakyReLU, encoder dropout 0.05 / 0.1 / 0.2 / 0.3 / 0.5, features 16-256, bilinear
   upsampling after a 1x1 convolution, built from MONAI's ``Convolution`` blocks
-  (``configs/variants/ssl4mis_unet.yaml`` uses it as network A).
+  (``configs/variant_ssl4mis_unet.yaml`` uses it as network A).
 * :class:`StructureEnhancedUNet` — MONAI's ``BasicUNet`` whose skip connections pass through a
   :class:`StructuralEnhancement` layer (TAC, Chen et al., IEEE TMI): the encoder feature ``x`` is
   rescaled by ``alpha = sigmoid(f_psi(ReLU(f_xbar(xbar) + f_x(x))))`` computed from ``x`` and the
   upsampled decoder feature ``xbar`` of the same size, and ``alpha * x`` replaces ``x`` in the
-  concatenation (``configs/variants/tac.yaml``). Its state_dict is ``BasicUNet``'s plus ``sel_*``.
+  concatenation (``configs/variant_tac.yaml``). Its state_dict is ``BasicUNet``'s plus ``sel_*``.
 * :class:`EnsembleNet` — the inference network of CTS / CCT-R / CPS: the mean of the logits of the
   two students (``branch="mean"``), or one student alone (``"a"``: the CNN, ``"b"``: the
   Transformer), as the paper reports all three. Its ``state_dict`` holds both students
@@ -58,7 +58,9 @@ class SwinUNETR2D(SwinUNETR):
         if kwargs.pop("spatial_dims", 2) != 2:
             raise ValueError("SwinUNETR2D is 2D: spatial_dims must be 2")
         kwargs.setdefault("use_flash_attention", True)
-        super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, spatial_dims=2, **kwargs)
+        super().__init__(
+            in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, spatial_dims=2, **kwargs
+        )
 
     def _padded(self, n: int) -> int:
         return max(self.min_size, -(-n // self.multiple) * self.multiple)
@@ -77,7 +79,9 @@ class SwinUNETR2D(SwinUNETR):
 
 def _conv_block(in_ch: int, out_ch: int, dropout: float, act) -> nn.Sequential:
     """conv3x3 - BN - LeakyReLU - dropout - conv3x3 - BN - LeakyReLU (SSL4MIS ``ConvBlock``)."""
-    first = Convolution(2, in_ch, out_ch, kernel_size=3, act=act, norm="batch", dropout=dropout or None, adn_ordering="NAD")
+    first = Convolution(
+        2, in_ch, out_ch, kernel_size=3, act=act, norm="batch", dropout=dropout or None, adn_ordering="NAD"
+    )
     return nn.Sequential(first, Convolution(2, out_ch, out_ch, kernel_size=3, act=act, norm="batch", adn_ordering="NA"))
 
 
@@ -108,8 +112,14 @@ class SSL4MISUNet(nn.Module):
     contrastive terms tap.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 4, features: Sequence[int] = (16, 32, 64, 128, 256),
-                 dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5), negative_slope: float = 0.01) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 4,
+        features: Sequence[int] = (16, 32, 64, 128, 256),
+        dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
+        negative_slope: float = 0.01,
+    ) -> None:
         super().__init__()
         f, p = list(features), list(dropout)
         if len(f) != 5 or len(p) != 5:
@@ -175,11 +185,20 @@ class StructureEnhancedUNet(BasicUNet):
 
     skip_layers = ("sel_1", "sel_2", "sel_3", "sel_4")
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
-                 features: Sequence[int] = (32, 32, 64, 128, 256, 32), inter_channels: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: Sequence[int] = (32, 32, 64, 128, 256, 32),
+        inter_channels: int | None = None,
+        **kwargs,
+    ) -> None:
         if int(spatial_dims) != 2:
             raise ValueError("StructureEnhancedUNet is 2D: spatial_dims must be 2")
-        super().__init__(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, features=features, **kwargs)
+        super().__init__(
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels, features=features, **kwargs
+        )
         f = [int(v) for v in features]
         # (skip channels, channels of the upsampled decoder feature) of upcat_1 ... upcat_4 (BasicUNet's UpCat)
         shapes = {1: (f[0], f[1]), 2: (f[1], f[2] // 2), 3: (f[2], f[3] // 2), 4: (f[3], f[4] // 2)}

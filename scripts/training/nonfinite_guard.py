@@ -66,12 +66,24 @@ class NonFiniteLossGuard:
         loss = torch.as_tensor(loss).detach()
         if bool(torch.isfinite(loss).all()):
             return
-        raise NonFiniteLossError(nonfinite_message(engine.state.iteration, float(loss.float().mean()),
-                                                   batch_volume_ids(engine.state.batch), self.state_path))
+        raise NonFiniteLossError(
+            nonfinite_message(
+                engine.state.iteration,
+                float(loss.float().mean()),
+                batch_volume_ids(engine.state.batch),
+                self.state_path,
+            )
+        )
 
 
-def nonfinite_message(iteration: int, value: float, ids: list[str] | None, state_path: str | None = None,
-                      skipped: bool = False, count: int = 1) -> str:
+def nonfinite_message(
+    iteration: int,
+    value: float,
+    ids: list[str] | None,
+    state_path: str | None = None,
+    skipped: bool = False,
+    count: int = 1,
+) -> str:
     """The one message of a non-finite loss: where, which volumes, what happened to the weights, what to do."""
     where = ""
     if state_path:
@@ -80,6 +92,8 @@ def nonfinite_message(iteration: int, value: float, ids: list[str] | None, state
     what = f"the loss is {value}" if not skipped else "the loss is not finite (NaN or inf)"
     more = f" ({count} iterations since the last log line)" if count > 1 else ""
     applied = "its update was skipped" if skipped else "no update was applied"
-    return (f"training stopped at iteration {iteration}: {what}{more} on the batch of volumes "
-            f"{ids or '(no ids in the batch)'}; {applied}{where}. "
-            "Check these volumes and their labels, or lower the learning rate, then resume with --resume true.")
+    return (
+        f"training stopped at iteration {iteration}: {what}{more} on the batch of volumes "
+        f"{ids or '(no ids in the batch)'}; {applied}{where}. "
+        "Check these volumes and their labels, or lower the learning rate, then resume with --resume true."
+    )

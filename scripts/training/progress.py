@@ -60,8 +60,17 @@ class RunProgress:
         progress: show the bar (the per-validation lines are logged either way).
     """
 
-    def __init__(self, num_iterations: int, evaluator: Engine, best_model, val_interval: int, class_names: Sequence[str],
-                 class_metric: str = "val_dice_", progress: bool = True, loss_log=None) -> None:
+    def __init__(
+        self,
+        num_iterations: int,
+        evaluator: Engine,
+        best_model,
+        val_interval: int,
+        class_names: Sequence[str],
+        class_metric: str = "val_dice_",
+        progress: bool = True,
+        loss_log=None,
+    ) -> None:
         self.num_iterations = int(num_iterations)
         self.evaluator = evaluator
         self.best_model = best_model
@@ -69,9 +78,9 @@ class RunProgress:
         self.class_names = list(class_names)
         self.class_metric = class_metric
         self.progress = bool(progress)
-        self.loss_log = loss_log   # a LossLog: the bar shows its host copy (no device read per iteration)
+        self.loss_log = loss_log  # a LossLog: the bar shows its host copy (no device read per iteration)
         self._bar: tqdm | None = None
-        self._open = False   # STARTED seen, bar not yet opened
+        self._open = False  # STARTED seen, bar not yet opened
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -89,8 +98,15 @@ class RunProgress:
     def iteration_completed(self, engine: Engine) -> None:
         if self._bar is None and self._open:
             self._open = False
-            self._bar = tqdm(total=self.num_iterations, initial=int(engine.state.iteration) - 1, desc="training", unit="it",
-                             dynamic_ncols=True, disable=not self.progress, smoothing=0.05)
+            self._bar = tqdm(
+                total=self.num_iterations,
+                initial=int(engine.state.iteration) - 1,
+                desc="training",
+                unit="it",
+                dynamic_ncols=True,
+                disable=not self.progress,
+                smoothing=0.05,
+            )
         if self._bar is not None:
             self._bar.update(1)
             if self.loss_log is not None:
@@ -115,17 +131,29 @@ class RunProgress:
         per_class = ", ".join(f"{n} {v:.4f}" for n, v in classes.items())
         best = getattr(self.best_model, "best_metric", None)
         where = getattr(self.best_model, "save_path", "?")
-        best_text = f"best {best:.4f} at iteration {self.best_iteration()} -> {where}" if best is not None else "no model saved yet"
-        line = (f"iteration {engine.state.iteration}/{self.num_iterations}: {key} {float(metrics[key]):.4f}"
-                + (f" ({per_class})" if per_class else "") + f"; {best_text}")
+        best_text = (
+            f"best {best:.4f} at iteration {self.best_iteration()} -> {where}"
+            if best is not None
+            else "no model saved yet"
+        )
+        line = (
+            f"iteration {engine.state.iteration}/{self.num_iterations}: {key} {float(metrics[key]):.4f}"
+            + (f" ({per_class})" if per_class else "")
+            + f"; {best_text}"
+        )
         logger.info(line)
 
     def completed(self, engine: Engine) -> None:
         self.close()
         best = getattr(self.best_model, "best_metric", None)
         if best is not None:
-            logger.info("training finished at iteration %d: best %.4f at iteration %s, model in %s",
-                        engine.state.iteration, best, self.best_iteration(), self.best_model.save_path)
+            logger.info(
+                "training finished at iteration %d: best %.4f at iteration %s, model in %s",
+                engine.state.iteration,
+                best,
+                self.best_iteration(),
+                self.best_model.save_path,
+            )
 
     def _failed(self, engine: Engine, error: BaseException) -> None:
         # ignite re-raises an exception only when no EXCEPTION_RAISED handler exists: re-raise it here
@@ -148,16 +176,26 @@ class TrainingCurves:
         class_metric: the name prefix of the evaluator's per-class Dice scalars.
     """
 
-    def __init__(self, path: str | os.PathLike, evaluator: Engine, class_names: Sequence[str], class_metric: str = "val_dice_",
-                 loss_log=None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        evaluator: Engine,
+        class_names: Sequence[str],
+        class_metric: str = "val_dice_",
+        loss_log=None,
+    ) -> None:
         self.path = str(path)
         self.evaluator = evaluator
         self.class_names = list(class_names)
         self.class_metric = class_metric
-        self.history: dict[str, dict[str, list[tuple[int, float]]]] = {"loss terms": {}, "validation Dice": {}, "pseudo-label Dice": {}}
+        self.history: dict[str, dict[str, list[tuple[int, float]]]] = {
+            "loss terms": {},
+            "validation Dice": {},
+            "pseudo-label Dice": {},
+        }
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
-        self.loss_log = loss_log   # a LossLog: the epoch means of its host copies (no device read per iteration)
+        self.loss_log = loss_log  # a LossLog: the epoch means of its host copies (no device read per iteration)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
@@ -190,7 +228,7 @@ class TrainingCurves:
             self._add("validation Dice", "mean", it, float(metrics[key]))
         for k, v in engine.state.metrics.items():
             if k.startswith("pseudo_dice_"):
-                self._add("pseudo-label Dice", k[len("pseudo_dice_"):], it, float(v))
+                self._add("pseudo-label Dice", k[len("pseudo_dice_") :], it, float(v))
         from scripts.evaluation.figures import write_curves
 
         write_curves(self.path, self.history)

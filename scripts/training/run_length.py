@@ -5,8 +5,9 @@ a validation. With ``num_iterations`` not a multiple of ``val_interval`` (400 an
 alone would train 300 or 450 iterations while the learning-rate schedule and the consistency ramp-up
 span ``num_iterations``. The bundle instead runs ``ceil(num_iterations / val_interval)`` rounds
 (:func:`num_rounds`) and :class:`IterationBudget` ends the last, shorter round at ``num_iterations``
-(``Engine.terminate_epoch``), so the round still completes: it validates, saves the best model and
-the training state at exactly ``num_iterations``, where the schedule ends.
+(``Engine.terminate_epoch``), so the round still completes: it validates (the validation handler runs every
+``val_interval`` iterations; this handler validates the shorter last round itself), saves the best model
+and the training state at exactly ``num_iterations``, where the schedule ends.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ class IterationBudget:
     A smaller ``max_epochs`` still stops the run earlier (e.g. to split a run in parts and resume).
     """
 
-    def __init__(self, num_iterations: int):
+    def __init__(self, num_iterations: int, validator: Engine | None = None):
+        """``validator``: run at the end of a shorter last round, where the every-``val_interval`` validation
+        handler does not fire (``None``: nothing to validate)."""
         if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 1:
             raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}")
         self.num_iterations = num_iterations
+        self.validator = validator
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -63,4 +67,6 @@ class IterationBudget:
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.iteration >= self.num_iterations and engine.state.iteration % engine.state.epoch_length:
+            if self.validator is not None:
+                self.validator.run(engine.state.epoch)  # as MONAI's ValidationHandler does
             engine.terminate_epoch()

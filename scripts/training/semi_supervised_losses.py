@@ -72,7 +72,11 @@ class UncertaintyMaskedMSE(nn.Module):
     """
 
     def forward(
-        self, student_logits: torch.Tensor, teacher_probabilities: torch.Tensor, uncertainty: torch.Tensor, threshold: float
+        self,
+        student_logits: torch.Tensor,
+        teacher_probabilities: torch.Tensor,
+        uncertainty: torch.Tensor,
+        threshold: float,
     ) -> torch.Tensor:
         mask = (uncertainty < threshold).to(student_logits.dtype)
         squared = (torch.softmax(student_logits, dim=1) - teacher_probabilities.detach()) ** 2
@@ -90,8 +94,13 @@ class SelectedSamplesLoss(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``weight`` ``(U,)``: per-sample weights; the loss is then ``mean_i(w_i * loss(sample i))`` over all
         samples (invalid ones count as 0), each sample's loss computed alone."""
         if valid is None and weight is None:

@@ -76,9 +76,15 @@ class StrongPerturbation:
         cutmix_area: range of the box area as a fraction of the slice.
     """
 
-    def __init__(self, brightness: float = 0.1, contrast: float = 0.25, blur_prob: float = 0.5,
-                 blur_sigma: tuple[float, float] = (0.1, 1.5), cutmix_prob: float = 0.5,
-                 cutmix_area: tuple[float, float] = (0.02, 0.4)) -> None:
+    def __init__(
+        self,
+        brightness: float = 0.1,
+        contrast: float = 0.25,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 1.5),
+        cutmix_prob: float = 0.5,
+        cutmix_area: tuple[float, float] = (0.02, 0.4),
+    ) -> None:
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.blur_prob, self.blur_sigma = float(blur_prob), tuple(float(s) for s in blur_sigma)
         self.cutmix_prob, self.cutmix_area = float(cutmix_prob), tuple(float(a) for a in cutmix_area)
@@ -121,8 +127,12 @@ class StrongPerturbation:
         left = torch.floor(torch.rand(u, device=device) * (w - bw + 1))
         rows = torch.arange(h, device=device, dtype=bh.dtype)[None, :, None]
         cols = torch.arange(w, device=device, dtype=bw.dtype)[None, None, :]
-        inside = ((rows >= top[:, None, None]) & (rows < (top + bh)[:, None, None])
-                  & (cols >= left[:, None, None]) & (cols < (left + bw)[:, None, None]))
+        inside = (
+            (rows >= top[:, None, None])
+            & (rows < (top + bh)[:, None, None])
+            & (cols >= left[:, None, None])
+            & (cols < (left + bw)[:, None, None])
+        )
         return (inside & pasted[:, None, None])[:, None].float()
 
     def __call__(self, x: torch.Tensor) -> MixedView:
@@ -133,7 +143,9 @@ class StrongPerturbation:
         return MixedView(box * strong[perm] + (1 - box) * strong, box, perm)
 
 
-def confident_cross_entropy(logits: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+def confident_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """Mean over *all* pixels of ``CE(logits, target) * [confidence >= threshold]`` (UniMatch's masked loss).
 
     ``target`` ``(U, H, W)`` int64, ``confidence`` ``(U, H, W)``.
@@ -149,7 +161,9 @@ def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None
     if layer is None:
         layer = next((name for cls, name in BOTTLENECKS.items() if isinstance(net, cls)), None)
         if layer is None:
-            raise ValueError(f"no bottleneck known for {type(net).__name__}; known: {[c.__name__ for c in BOTTLENECKS]}")
+            raise ValueError(
+                f"no bottleneck known for {type(net).__name__}; known: {[c.__name__ for c in BOTTLENECKS]}"
+            )
     cache = net.__dict__.setdefault("_w2s_layers", {})  # named_modules() once per network, not per iteration
     if layer not in cache:
         cache[layer] = dict(net.named_modules())[layer]
