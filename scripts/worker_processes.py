@@ -5,6 +5,14 @@ parent never closes, so a ``kill -9`` of a run used to leave them behind, each h
 import and data (hundreds of MB). :func:`exit_with_parent` is their initialiser: the kernel sends the
 worker SIGKILL when its parent dies (Linux ``PR_SET_PDEATHSIG``), and, where that is unavailable, a
 daemon thread checks every second whether the parent is still there and ends the worker if not.
+
+Workers also ignore SIGINT: Ctrl-C in a terminal interrupts the whole foreground process group, and the
+stop is the parent's to handle (a training finishes its iteration, saves its state and stops,
+``scripts.training.checkpoint``; its workers end with it). A worker that took the signal itself would
+die first and turn the stop into a crash. SIGTERM keeps its default in workers: Python's
+multiprocessing ends daemonic workers with it at exit, so a worker ignoring it would hang the exit.
+Send SIGTERM to the main process (a group SIGTERM kills the workers, and the run then resumes from the
+training state saved at its last validation round).
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ def _watch(parent: int, interval: float) -> None:
 
 
 def exit_with_parent(*_args, interval: float = 1.0) -> None:
-    """Make this (worker) process end when its parent does. Accepts and ignores the worker id that
-    ``DataLoader(worker_init_fn=...)`` passes."""
+    """Make this (worker) process end when its parent does, and leave Ctrl-C (SIGINT) to the parent.
+    Accepts and ignores the worker id that ``DataLoader(worker_init_fn=...)`` passes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:

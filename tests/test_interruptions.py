@@ -132,6 +132,20 @@ def test_stop_signal_saves_state_at_the_iteration_and_resume_finishes(tmp_path, 
     assert final["trainer"]["iteration"] == 60 and final["lr_scheduler"]["last_epoch"] == 60
 
 
+def test_ctrl_c_in_a_terminal_still_saves_and_stops(tmp_path, phantom):
+    """Ctrl-C in a terminal interrupts every process of the group, data-loader workers included: the workers leave
+    the stop to the training, which saves its state and reports the one line (no worker dies first)."""
+    log = tmp_path / "train.log"
+    proc = _start(_training(tmp_path, phantom, "--num_workers", "1"), log)
+    _wait_for(lambda: "/60 [" in log.read_text(), what="training to start")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # the test started it in a session of its own: the group is its pid
+    assert proc.wait(timeout=120) != 0
+    text = log.read_text()
+    assert "stopped: training stopped by SIGINT at iteration" in text and "Traceback" not in text, text[-2000:]
+    assert (tmp_path / "models" / "train_state.pt").exists()
+
+
 def test_no_data_loader_worker_outlives_a_killed_training(tmp_path, phantom):
     log = tmp_path / "train.log"
     proc = _start(_training(tmp_path, phantom, "--num_workers", "2"), log)
