@@ -202,3 +202,29 @@ def test_sparse_projection_equals_dense_loss_and_gradients():
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
     for a, b in zip(dense_grads, sparse_grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_mcsc_on_its_drawn_pixels_equals_mcsc_on_the_whole_embedded_map():
+    """The term embeds only the pixels MCSC draws (the 1x1 head as linear layers): the same loss and the same
+    gradients as embedding the whole map first, as the term did before."""
+    from scripts.contrastive.contrastive_loss import flatten_pixels
+
+    torch.manual_seed(3)
+    head = ProjectionHead(6, hidden_channels=16, out_channels=8)
+    loss_fn = MultiScaleBalancedContrastiveLoss(4, temperature=0.1, max_samples=50, threshold=0.3)
+    labels, conf = torch.randint(0, 4, (2, 12, 12)), torch.rand(2, 12, 12)
+    results = []
+    for sampled in (False, True):
+        feats = torch.randn(2, 6, 12, 12, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        g = torch.Generator().manual_seed(7)
+        if sampled:
+            idx, valid = loss_fn.draw(labels, conf, generator=g)
+            z = head.project_vectors(flatten_pixels(feats)[idx])
+            loss = loss_fn.on_samples(z, labels.reshape(-1)[idx], valid)
+        else:
+            loss = loss_fn(head(feats), labels, conf, generator=g)
+        loss.backward()
+        results.append((loss.detach(), feats.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert results[0][1].abs().sum() > 0

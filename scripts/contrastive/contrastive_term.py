@@ -320,9 +320,10 @@ class ContrastiveTerm(nn.Module):
             confidence.append(torch.softmax(logits.detach().float(), 1).max(1).values)
             features.append(self.taps[which].features())
             projectors.append(self.projectors[which])
-        # Dense embeddings only where a whole map is needed: MCSC, and the scale stored in the REPS bank.
-        # SCL elsewhere embeds just its sampled pixels (the 1x1 heads as linear layers on gathered features).
-        dense = {s for s in self.scales if self.loss_name == "mcsc" or (self.reps and s == self.bank_scale)}
+        # Dense embeddings only where a whole map is needed: the scale stored in the REPS bank. SCL and MCSC
+        # elsewhere embed just their sampled pixels (the 1x1 heads as linear layers on gathered features: the
+        # same embeddings as the whole map's at those pixels, without projecting every pixel at full resolution).
+        dense = {s for s in self.scales if self.reps and s == self.bank_scale}
         emb = [{s: proj[s](feats[s]) for s in self.scales if s in dense} for proj, feats in zip(projectors, features)]
         geometry = self._batch_geometry(batch, labels[0].shape[0]) if self.reps else None
         losses: list[list[torch.Tensor]] = [[] for _ in sources]
@@ -335,7 +336,9 @@ class ContrastiveTerm(nn.Module):
                 labs.append(lab[:, : f.shape[2], : f.shape[3]])
                 confs.append(conf[:, : f.shape[2], : f.shape[3]])
             if self.loss_name == "mcsc":
-                losses[0].append(self.loss(emb[0][scale], labs[0], confs[0]))
+                idx, valid = self.loss.draw(labs[0], confs[0])
+                z = projectors[0][scale].project_vectors(flatten_pixels(features[0][scale])[idx])
+                losses[0].append(self.loss.on_samples(z, labs[0].reshape(-1)[idx], valid))
                 continue
             per_source = labs[0].numel()  # pixels per source (flat index k * per_source + pixel)
             samples = self.loss.sample(

@@ -76,6 +76,23 @@ class MultiScaleBalancedContrastiveLoss(nn.Module):
         self.num_classes, self.temperature = int(num_classes), float(temperature)
         self.max_samples, self.threshold = int(max_samples), float(threshold)
 
+    def draw(
+        self, labels: torch.Tensor, confidence: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels the loss uses, in a fixed number: a uniform draw without replacement among the kept pixels
+        (the lowest random priorities). Returns their flat indices and whether each is a kept pixel."""
+        lab = labels.reshape(-1)
+        keep = torch.ones_like(lab, dtype=torch.bool) if confidence is None else confidence.reshape(-1) > self.threshold
+        device = "cpu" if generator is not None else lab.device
+        priority = torch.rand(lab.shape, generator=generator, device=device).to(lab.device)
+        key = torch.where(keep, priority, torch.full_like(priority, 2.0))
+        idx = torch.topk(key, min(self.max_samples, lab.numel()), largest=False).indices
+        return idx, key[idx] < 2.0
+
+    def on_samples(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The loss of the drawn pixels' ``(n, D)`` unit embeddings and ``(n,)`` labels (``valid``: from :meth:`draw`)."""
+        return balanced_supcon(embeddings, labels, self.num_classes, self.temperature, valid=valid)
+
     def forward(
         self,
         embeddings: torch.Tensor,
@@ -87,10 +104,5 @@ class MultiScaleBalancedContrastiveLoss(nn.Module):
         lab = labels.reshape(-1)
         if lab.numel() != flat.shape[0]:
             raise ValueError(f"MCSC: labels {tuple(labels.shape)} do not match embeddings {tuple(embeddings.shape)}")
-        keep = torch.ones_like(lab, dtype=torch.bool) if confidence is None else confidence.reshape(-1) > self.threshold
-        # a uniform draw without replacement among the kept pixels, in a fixed size: the lowest random priorities
-        device = "cpu" if generator is not None else lab.device
-        priority = torch.rand(lab.shape, generator=generator, device=device).to(lab.device)
-        key = torch.where(keep, priority, torch.full_like(priority, 2.0))
-        idx = torch.topk(key, min(self.max_samples, lab.numel()), largest=False).indices
-        return balanced_supcon(flat[idx], lab[idx], self.num_classes, self.temperature, valid=key[idx] < 2.0)
+        idx, valid = self.draw(labels, confidence, generator)
+        return self.on_samples(flat[idx], lab[idx], valid)
