@@ -134,3 +134,36 @@ def test_ct_label_mapping_reaches_registration_and_training(tmp_path):
     out = transform(raw)
     assert out["label"].flatten().tolist() == out["registered_label"].flatten().tolist() == [6.0, 0.0, 8.0]
     assert train.get_parsed_content("model_config#label_mapping") == mapping
+
+
+def test_label_propagation_on_worker_processes_writes_what_one_process_writes(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    datalist = phantom.ensure_phantom_dataset(tmp_path / "ph", n_labeled=2, n_unlabeled=3, n_validation=0, n_test=0)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "registration.yaml"))
+    parser["datalist_file"] = datalist
+    parser["torch_settings"]["levels"] = [6.0]
+    parser["torch_settings"]["iterations"] = [15]
+    parser["torch_settings"]["num_points"] = 512
+    parser["registration_runner"]["progress"] = False
+    runner = parser.get_parsed_content("registration_runner")
+    out = Path(runner.run()["output_dir"])
+    labels = out / "registered_labels"
+    serial = {p.name: np.asarray(nib.load(p).dataobj) for p in labels.glob("*.nii.gz")}
+    assert len(serial) == 3
+    for name in ("summary.json", "rsl_datalist.json"):  # the outputs again, from the stored pairs
+        (out / name).unlink()
+    for p in labels.glob("*.nii.gz"):
+        p.unlink()
+    runner.workers = 2
+    runner.engine.register_batch = None  # every pair is stored: nothing is registered again
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("a label was warped in the main process")
+
+    monkeypatch.setattr("scripts.registration.propagation.propagate_label", in_this_process)  # the workers spawn fresh
+    runner.run()
+    parallel = {p.name: np.asarray(nib.load(p).dataobj) for p in labels.glob("*.nii.gz")}
+    assert parallel.keys() == serial.keys()
+    assert all(np.array_equal(parallel[k], serial[k]) for k in serial)

@@ -195,6 +195,29 @@ class RegistrationRunner:
                     commit(future.result())
 
     # ------------------------------------------------------------------ BRS + propagation
+    def _propagate_parallel(self, propagate: PropagateLabeld, jobs: dict[tuple[str, str], dict]) -> None:
+        """Warp the labels of ``jobs`` (``(target id, partner id) -> target entry``) into ``propagate``'s cache on
+        ``workers`` processes, with a progress bar; the datalists are then written from the cache. One worker
+        (or a single job): nothing here, the writing loop warps them one by one."""
+        todo = [
+            {**entry, "partner": partner}
+            for (target, partner), entry in jobs.items()
+            if not propagate.cache_path(target, partner).exists()
+        ]
+        if self.workers <= 1 or len(todo) < 2:
+            return
+        ctx = multiprocessing.get_context("spawn")  # no fork after torch threads started
+        bar = tqdm(total=len(todo), desc="label propagation", unit="label")
+        try:
+            with ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_init_propagation_worker, initargs=(propagate,)
+            ) as pool:
+                for future in [pool.submit(_propagate_in_worker, item) for item in todo]:
+                    future.result()
+                    bar.update(1)
+        finally:
+            bar.close()
+
     def select(self, table, targets: list[dict], labeled: list[dict]) -> dict[str, list]:
         """BRS ranking of labeled partners for every target entry: ``id -> [BRSScore, ...]``."""
         partners = [q["id"] for q in labeled]
@@ -259,10 +282,25 @@ class RegistrationRunner:
         choices = {"rsl_datalist.json": best_partner}
         if self.random_partner_datalist:
             choices["rsl_datalist_random.json"] = random_partner
-        for filename, choose in choices.items():
+        unlabeled_entries = data.get("unlabeled", [])
+        chosen_by_file = {
+            filename: [choose(ranking.get(entry["id"], [])) for entry in unlabeled_entries]
+            for filename, choose in choices.items()
+        }
+        jobs = {
+            (entry["id"], chosen.partner): entry
+            for picks in chosen_by_file.values()
+            for entry, chosen in zip(unlabeled_entries, picks)
+            if chosen is not None
+        }
+        if self.rsl_partners > 1:
+            for entry in unlabeled_entries:
+                for r in usable(ranking.get(entry["id"], []), self.rsl_partners):
+                    jobs[(entry["id"], r.partner)] = entry
+        self._propagate_parallel(propagate, jobs)
+        for filename in choices:
             out_unlabeled = []
-            for entry in data.get("unlabeled", []):
-                chosen = choose(ranking.get(entry["id"], []))
+            for entry, chosen in zip(unlabeled_entries, chosen_by_file[filename]):
                 entry = dict(entry)
                 if chosen is None:
                     entry.update(registered_label=None, partner=None, brs_score=None)
@@ -352,6 +390,19 @@ def fused_datalist_name(k: int) -> str:
 
 
 _WORKER_ENGINE = None
+_WORKER_PROPAGATE: PropagateLabeld | None = None
+
+
+def _init_propagation_worker(propagate: PropagateLabeld) -> None:
+    """Process-pool initialiser of label propagation: the transforms arrive once per worker, one thread each."""
+    global _WORKER_PROPAGATE
+    exit_with_parent()
+    torch.set_num_threads(1)
+    _WORKER_PROPAGATE = propagate
+
+
+def _propagate_in_worker(item: dict) -> str:
+    return _WORKER_PROPAGATE(item)["registered_label"]
 
 
 def _init_worker(engine: str, settings: dict, threads: int) -> None:
