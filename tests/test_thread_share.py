@@ -44,9 +44,15 @@ def test_the_handler_registers_sets_threads_and_leaves(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_a_configured_number_is_kept(tmp_path):
-    share = ThreadShare(3, registry=tmp_path)
+def test_a_configured_number_is_kept_and_left_to_it(tmp_path):
+    before = torch.get_num_threads()
+    share = ThreadShare(1, registry=tmp_path)
     engine = Engine(lambda e, b: None)
     share.attach(engine)
+    seen = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(shared_threads(tmp_path, pid=1)))
     engine.run([0], max_epochs=1)
-    assert not share.enabled and list(tmp_path.iterdir()) == []  # nothing registered
+    cores = len(os.sched_getaffinity(0))
+    assert not share.enabled and torch.get_num_threads() == before  # not changed
+    assert seen == [max(1, cores - 1)]  # a sharing training (another pid) leaves it its one core
+    assert list(tmp_path.iterdir()) == []  # removed at the end
