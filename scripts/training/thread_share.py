@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.config_values import optional
+
 __all__ = ["ThreadShare", "shared_threads"]
 
 logger = logging.getLogger(__name__)
@@ -92,15 +94,17 @@ class ThreadShare:
     """
 
     def __init__(self, num_threads: int | str | None = None, every: int = 50, registry: str | os.PathLike = REGISTRY):
-        text = str(num_threads).strip().lower() if num_threads is not None else "null"
-        self.enabled = text in ("null", "none", "~", "")
-        self.fixed = (
-            0 if self.enabled else max(1, int(float(text)))
-        )  # registered, so that the sharing ones leave its cores
+        value = optional(num_threads)  # null as the command line may spell it
+        self.fixed = 0 if value is None else max(1, int(value))  # registered, so that the sharing ones leave its cores
         self.every = max(1, int(every))
         self.registry = Path(registry)
         self._entry: Path | None = None
         self._limit: int | None = None  # PyTorch's thread count when the run started (OMP_NUM_THREADS, affinity)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this training shares the cores (``num_threads`` null) rather than keeping a number."""
+        return self.fixed == 0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
