@@ -67,6 +67,64 @@ def test_distance_sums_squared_differences_of_classes_present_in_both_halves():
     assert torch.allclose(representation_distance(feats_l, masks, feats_u, masks_u), torch.tensor(5.0))
 
 
+def test_mean_reduction_divides_each_scale_by_its_channels():
+    g = torch.Generator().manual_seed(3)
+    feats_l, feats_u = torch.randn(2, 6, 8, 8, generator=g), torch.randn(2, 6, 8, 8, generator=g)
+    masks = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 16, 16), generator=g), 3).permute(0, 3, 1, 2).float()
+    total = representation_distance(feats_l, masks, feats_u, masks)
+    mean = representation_distance(feats_l, masks, feats_u, masks, reduction="mean")
+    assert total.item() > 0 and torch.allclose(mean * 6, total)
+
+
+def test_nearest_resize_picks_pixels_where_area_averages():
+    feats = torch.arange(4.0).reshape(1, 1, 2, 2)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1.0
+    mask[0, 0, 2, 2] = 1.0  # the sampled pixel of the bottom-right coarse pixel: weight 1 (area: 0.25)
+    near, _ = class_representations(feats, mask, resize="nearest")
+    assert torch.allclose(near[0, 0], torch.tensor((0.0 + 3.0) / 2))
+    mask[0, 0, 2, 2], mask[0, 0, 3, 3] = 0.0, 1.0  # not the sampled pixel: gone with nearest, 0.25 with area
+    near, _ = class_representations(feats, mask, resize="nearest")
+    area, _ = class_representations(feats, mask)
+    assert near[0, 0].item() == 0.0 and area[0, 0].item() == pytest.approx(0.75 / 1.25)
+
+
+def test_paired_compares_slice_i_with_slice_i_and_averages():
+    feats_l, feats_u = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    feats_u[0] = 1.0  # pair 0 differs by 1 in class 0, pair 1 agrees
+    masks = torch.zeros(2, 1, 2, 2)
+    masks[:, 0] = 1
+    assert representation_distance(feats_l, masks, feats_u, masks, pairing="paired").item() == pytest.approx(0.5)
+    # pooled, the same halves differ by the mean of the unlabeled slices: 0.5^2
+    assert representation_distance(feats_l, masks, feats_u, masks).item() == pytest.approx(0.25)
+    # a slice without the class is skipped in its pair only
+    masks_u = masks.clone()
+    masks_u[1] = 0
+    feats_u[1] = 7.0
+    assert representation_distance(feats_l, masks, feats_u, masks_u, pairing="paired").item() == pytest.approx(0.5)
+
+
+def test_zero_absent_compares_a_missing_class_as_a_zero_feature():
+    feats_l, feats_u = torch.full((1, 2, 2, 2), 3.0), torch.zeros(1, 2, 2, 2)
+    masks_l, masks_u = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    masks_l[0, 1] = 1  # class 1 only in the labeled half: feature (3, 3) against a zero feature
+    masks_u[0, 0] = 1
+    assert representation_distance(feats_l, masks_l, feats_u, masks_u).item() == 0.0
+    assert representation_distance(feats_l, masks_l, feats_u, masks_u, absent="zero").item() == pytest.approx(18.0)
+
+
+def test_switches_are_checked_when_the_loss_is_built():
+    for key, bad in (
+        ("reduction", "max"),
+        ("mask", "argmax"),
+        ("resize", "bilinear"),
+        ("pairing", "x"),
+        ("absent", "y"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            TaskAffinityConsistency(_net(), 3, **{key: bad})
+
+
 # ---------------------------------------------------------------- the enhanced U-Net
 def test_enhancement_changes_the_skip_only_through_alpha():
     layer = StructuralEnhancement(4, 6)
@@ -138,9 +196,69 @@ def test_loss_equals_the_formula_and_trains_the_network():
 
 
 # ---------------------------------------------------------------- from the overlays
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     return make_rsl_datalist(tmp_path_factory.mktemp("phantom"))
+
+
+def _tap_features_and_logits(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, 1, 32, 32, generator=g)
+    label = torch.randint(0, 3, (2, 1, 32, 32), generator=g)
+    logits = net(x).detach().requires_grad_(True)  # a leaf: the gradient R sends to the predictions
+    return logits, label
+
+
+def test_soft_masks_send_gradient_to_the_unlabeled_prediction_hard_masks_do_not():
+    net = _net()
+    for mask, reaches in (("hard", False), ("soft", True)):
+        tac = TaskAffinityConsistency(net, 3, mask=mask)
+        logits, label = _tap_features_and_logits(net)
+        loss = tac(logits, label, 2)
+        assert loss.item() > 0
+        loss.backward()
+        grad = logits.grad
+        assert (grad is not None and grad[2:].abs().sum().item() > 0) == reaches
+        assert grad is None or grad[:2].abs().sum().item() == 0  # the labeled half's masks are the labels
+        tac.tap.remove()
+    # soft masks are the softmax: a confident prediction gives the hard loss
+    tac = TaskAffinityConsistency(net, 3, mask="soft")
+    hard = TaskAffinityConsistency(net, 3)
+    logits, label = _tap_features_and_logits(net)
+    confident = logits.detach() * 1e4
+    assert torch.allclose(tac(confident, label, 2), hard(confident, label, 2), rtol=1e-4)
+
+
+def test_mean_reduction_scales_r_down_by_the_skip_widths():
+    net = _net()
+    tac_sum, tac_mean = TaskAffinityConsistency(net, 3), TaskAffinityConsistency(net, 3, reduction="mean")
+    logits, label = _tap_features_and_logits(net)
+    r_sum, r_mean = tac_sum(logits, label, 2), tac_mean(logits, label, 2)
+    # FEATURES' skips have 8, 8, 16 and 16 channels: R shrinks by between 8x and 16x
+    assert r_sum.item() / 16 - 1e-6 <= r_mean.item() <= r_sum.item() / 8 + 1e-6
+
+
+def test_ramp_up_makes_w_tac_follow_the_cross_teaching_ramp(tmp_path, data):
+    trainer = run_trainer(
+        tmp_path,
+        ["train.yaml", "variant_tac.yaml"],
+        data["plain"],
+        num_iterations=2,
+        val_interval=2,
+        tac_weight=0.5,
+        tac_ramp_up=True,
+    )
+    from scripts.training.consistency_weight import RampUpWeight
+
+    assert isinstance(trainer.affinity_weight, RampUpWeight) and trainer.affinity_on
+    assert trainer.w_tac(0) == pytest.approx(0.5 * 2.718281828**-5) and trainer.w_tac(2) == pytest.approx(0.5)
+    terms = trainer.state.output["terms"]  # the last (second, 0-based 1) iteration
+    assert terms["w_tac"].item() == pytest.approx(0.5 * 2.718281828 ** (-5 * 0.25), rel=1e-5)
+    assert terms["loss_a"].item() == pytest.approx(
+        terms["sup_a"].item() + terms["w_tac"].item() * terms["tac_a"].item(), rel=1e-4
+    )
 
 
 def test_tac_overlay_trains_and_the_plain_inference_command_serves_it(tmp_path, data):

@@ -118,7 +118,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive: the contrastive term (``None``: off); its projector parameters must be in the optimizers.
         contrastive_weight: ``w_cl``; 0 switches the contrastive term off.
         affinity: TAC's consistency term on network A (``None``: off).
-        affinity_weight: ``w_tac``; 0 switches it off.
+        affinity_weight: ``w_tac``, a number or a schedule ``w(i)`` of the 0-based iteration (e.g.
+            :class:`scripts.training.consistency_weight.RampUpWeight`); 0 (or ``max_weight`` 0) switches it off.
         rsl_schedule: ``"constant"`` (``w_rsl`` throughout) or ``"fade"``: ``w_rsl * (1 - ramp(i))`` with
             the cross-teaching ramp ``exp(-5 (1 - i / N)^2)``: registered labels lead early and hand over
             to the peers' pseudo-labels as the cross-teaching weight rises (``N``: ``num_iterations``).
@@ -156,7 +157,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         contrastive: Callable | None = None,
         contrastive_weight: float = 0.0,
         affinity: Callable | None = None,
-        affinity_weight: float = 0.0,
+        affinity_weight: float | Callable[[int], float] = 0.0,
         rsl_schedule: str = "constant",
         w2s_weight: float = 0.0,
         w2s_threshold: float = 0.95,
@@ -232,10 +233,13 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.contrastive_on = contrastive is not None and self.contrastive_weight > 0
         if self.contrastive_on and consistency == "none":
             raise ValueError("none: the contrastive terms need a peer's labels on the unlabeled half; use cl_weight 0")
-        _check_term("affinity", affinity, affinity_weight, "scripts.contrastive.task_affinity.TaskAffinityConsistency")
+        # w_tac: a number, or a schedule of the iteration (RampUpWeight: its max_weight decides whether it is on)
+        peak = getattr(affinity_weight, "max_weight", 1.0) if callable(affinity_weight) else affinity_weight
+        _check_term("affinity", affinity, peak, "scripts.contrastive.task_affinity.TaskAffinityConsistency")
         self.affinity = affinity
-        self.affinity_weight = float(affinity_weight)
-        self.affinity_on = affinity is not None and self.affinity_weight > 0
+        self.affinity_weight = affinity_weight if callable(affinity_weight) else float(affinity_weight)
+        self.affinity_on = affinity is not None and float(peak) > 0
+        self._w_tac_now = 0.0
         if float(w2s_weight) < 0:
             raise ValueError(f"w2s_weight must be >= 0, got {w2s_weight!r}")
         if float(w2s_weight) > 0 and consistency not in ("cross_teaching", "cps"):
@@ -267,6 +271,11 @@ class CrossTeachingTrainer(SupervisedTrainer):
             return self.rsl_weight * (1.0 - sigmoid_ramp_up(iteration, self.num_iterations))
         return self.rsl_weight
 
+    def w_tac(self, iteration: int) -> float:
+        """TAC's weight at the 0-based ``iteration`` (a constant, or the ``affinity_weight`` schedule)."""
+        w = self.affinity_weight
+        return float(w(iteration) if callable(w) else w)
+
     def w_cps(self, iteration: int) -> float:
         """The consistency weight at the 0-based ``iteration``."""
         w = self.consistency_weight
@@ -294,7 +303,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         loss_b = terms["sup_b"] + w * terms["cps_b"]
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
+            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
         if self.contrastive_on:
             terms["cl_a"], terms["cl_b"] = self.contrastive.pair(
                 out_a,
@@ -367,7 +376,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
+            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
         if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, target, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
@@ -385,7 +394,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self.affinity_weight * terms["tac_a"]
+            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
         terms["loss_a"] = loss_a
         return loss_a, terms
 
@@ -424,6 +433,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         iteration = engine.state.iteration - 1
         w = engine.w_cps(iteration)
         engine._w_rsl_now = engine.w_rsl(iteration)
+        engine._w_tac_now = engine.w_tac(iteration)
         engine.network.train()
         if engine.net_b is not None:
             engine.net_b.train()
@@ -468,6 +478,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         terms["w_cps"] = torch.tensor(w)
         if engine.rsl_weight > 0:
             terms["w_rsl"] = torch.tensor(engine._w_rsl_now)
+        if engine.affinity_on:
+            terms["w_tac"] = torch.tensor(engine._w_tac_now)
         if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
                 terms[f"reps_found_{which}"] = torch.as_tensor(
