@@ -131,6 +131,71 @@ def test_trainer_adds_the_weak_to_strong_terms(w2s):
     )
 
 
+def test_feature_dropout_of_the_last_samples_leaves_the_others_alone():
+    net = _unet(0).eval()
+    x = torch.rand(4, 1, 32, 32)
+    clean = net(x)
+    torch.manual_seed(5)
+    with feature_dropout(net, 0.5, last=2):
+        mixed = net(x)
+    torch.manual_seed(5)
+    with feature_dropout(net, 0.5):
+        alone = net(x[2:])  # the same random mask: dropout2d draws one per (sample, channel) of the last two
+    assert torch.allclose(mixed[:2], clean[:2], atol=1e-6)
+    assert not torch.allclose(mixed[2:], clean[2:]) and torch.allclose(mixed[2:], alone, atol=1e-5)
+
+
+def _w2s_trainer(batched: bool, nets=None, lr: float = 0.1) -> CrossTeachingTrainer:
+    torch.manual_seed(0)
+    net_a, net_b = nets if nets is not None else (_unet(1), _unet(2))
+    return CrossTeachingTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[_batch()],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=lr),
+        net_b=net_b,
+        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=lr),
+        supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5),
+        consistency_weight=0.3,
+        rsl_weight=0.5,
+        w2s_weight=1.0,
+        w2s_threshold=0.5,
+        w2s_dropout=0.5,
+        w2s_batched=batched,
+    )
+
+
+def test_batched_views_give_the_separate_passes_losses_and_update():
+    """Instance-normalised networks: one pass of [x_l; x_u; strong; x_u] per network is the same mathematics as the
+    three passes (same random streams: the strong view, then A's and B's feature dropout, in that order)."""
+    runs = {}
+    for batched in (True, False):
+        trainer = _w2s_trainer(batched)
+        assert trainer.w2s_one_pass == batched
+        trainer.run()
+        runs[batched] = trainer
+    one, three = runs[True], runs[False]
+    terms_one, terms_three = one.state.output["terms"], three.state.output["terms"]
+    assert set(terms_one) == set(terms_three) and terms_one["strong_a"].item() > 0
+    for key in terms_one:
+        assert terms_one[key].item() == pytest.approx(terms_three[key].item(), rel=1e-4, abs=1e-6), key
+    for p, q in zip(one.network.parameters(), three.network.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    for p, q in zip(one.net_b.parameters(), three.net_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_networks_keep_separate_passes():
+    from scripts.training.networks import SSL4MISUNet
+
+    trainer = _w2s_trainer(True, nets=(SSL4MISUNet(1, 3), _unet(2)))
+    assert not trainer.w2s_one_pass
+    trainer.run()
+    assert trainer.state.output["terms"]["fp_a"].item() > 0
+
+
 def test_weak_to_strong_needs_two_students():
     net = _unet(0)
     with pytest.raises(ValueError, match="two students"):

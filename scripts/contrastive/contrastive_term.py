@@ -318,7 +318,8 @@ class ContrastiveTerm(nn.Module):
                 )
             )
             confidence.append(torch.softmax(logits.detach().float(), 1).max(1).values)
-            features.append(self.taps[which].features())
+            # the pass may have run more views after these slices (batched weak-to-strong): keep the first ones
+            features.append({k: f[: logits.shape[0]] for k, f in self.taps[which].features().items()})
             projectors.append(self.projectors[which])
         # Dense embeddings only where a whole map is needed: the scale stored in the REPS bank. SCL and MCSC
         # elsewhere embed just their sampled pixels (the 1x1 heads as linear layers on gathered features: the

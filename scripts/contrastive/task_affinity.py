@@ -238,8 +238,9 @@ class TaskAffinityConsistency(nn.Module):
         masks_l, masks_u = self.masks(logits, label, n)
         switches = (self.reduction, self.resize, self.pairing, self.absent)
         context = structure = logits.new_zeros((), dtype=torch.float32)
+        b = logits.shape[0]  # the pass may have run more views after these slices (batched weak-to-strong)
         for x, x_hat in self.tap.features():
             x, x_hat = x.float(), x_hat.float()
-            context = context + representation_distance(x[:n], masks_l, x[n:], masks_u, *switches)
-            structure = structure + representation_distance(x_hat[:n], masks_l, x_hat[n:], masks_u, *switches)
+            context = context + representation_distance(x[:n], masks_l, x[n:b], masks_u, *switches)
+            structure = structure + representation_distance(x_hat[:n], masks_l, x_hat[n:b], masks_u, *switches)
         return (self.tau_context * context + self.tau_structure * structure) / self.num_classes

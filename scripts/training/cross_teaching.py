@@ -72,7 +72,12 @@ from scripts.training.semi_supervised_losses import (
     SelectedSamplesLoss,
     UncertaintyMaskedMSE,
 )
-from scripts.training.weak_to_strong import StrongPerturbation, confident_cross_entropy, feature_dropout
+from scripts.training.weak_to_strong import (
+    StrongPerturbation,
+    confident_cross_entropy,
+    feature_dropout,
+    has_batch_statistics,
+)
 
 __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 
@@ -127,6 +132,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
         w2s_dropout: channel dropout of the feature-perturbed pass.
         strong_perturbation: the strong view (default :class:`scripts.training.weak_to_strong.StrongPerturbation`).
+        w2s_batched: run each network once per iteration on ``[x_l; x_u; strong view; x_u]`` (the feature dropout on
+            the last quarter only) instead of three passes; the same mathematics for networks whose normalisation is
+            per sample (instance / layer norm: the bundle's U-Net and SwinUNETR). A network with BatchNorm keeps the
+            separate passes, whatever this says, so that its batch statistics stay those of each view alone.
         inferer: how a network is applied to a batch of slices (default ``SimpleInferer``: the whole patch at once).
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
@@ -163,6 +172,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_threshold: float = 0.95,
         w2s_dropout: float = 0.5,
         strong_perturbation: Callable | None = None,
+        w2s_batched: bool = True,
         inferer: Callable | None = None,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
@@ -252,6 +262,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
             float(w2s_dropout),
         )
         self.strong_perturbation = StrongPerturbation() if strong_perturbation is None else strong_perturbation
+        nets = [net for net in (net_a, net_b) if net is not None]
+        self.w2s_one_pass = bool(w2s_batched) and not any(has_batch_statistics(net) for net in nets)
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     def _new_scaler(self):
@@ -291,7 +303,19 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a, out_b = self.inferer(x, self.network), self.inferer(x, self.net_b)
+        w2s_on = self.w2s_weight > 0
+        views = None
+        if w2s_on and self.w2s_one_pass:  # one pass per network over every view: [x_l; x_u; strong; x_u (dropout)]
+            view = self.strong_perturbation(batch.unlabeled_image)
+            u = batch.unlabeled_image.shape[0]
+            x_all = torch.cat([x, view.image, batch.unlabeled_image])
+            with feature_dropout(self.network, self.w2s_dropout, last=u):
+                out_a, strong_a, fp_a = self.inferer(x_all, self.network).split([x.shape[0], u, u])
+            with feature_dropout(self.net_b, self.w2s_dropout, last=u):
+                out_b, strong_b, fp_b = self.inferer(x_all, self.net_b).split([x.shape[0], u, u])
+            views = (view, strong_a, strong_b, fp_a, fp_b)
+        else:
+            out_a, out_b = self.inferer(x, self.network), self.inferer(x, self.net_b)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = {
             "sup_a": self.loss_function(out_a[:n], batch.label),
@@ -304,19 +328,16 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
             loss_a = loss_a + self._w_tac_now * terms["tac_a"]
+        # each network's probabilities on the unlabeled half, computed once for the terms that use them
+        probs_a = torch.softmax(out_a[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
+        probs_b = torch.softmax(out_b[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
         if self.contrastive_on:
-            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(
-                out_a,
-                torch.softmax(out_b[n:].detach().float(), 1),
-                out_b,
-                torch.softmax(out_a[n:].detach().float(), 1),
-                batch,
-            )
+            terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, probs_b, out_b, probs_a, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
             loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
-        # last: the extra passes of weak-to-strong replace the feature maps the taps above read
-        if self.w2s_weight > 0:
-            w2s = self._weak_to_strong(out_a[n:], out_b[n:], batch)
+        # last when the views take their own passes: those replace the feature maps the taps above read
+        if w2s_on:
+            w2s = self._weak_to_strong(probs_a, probs_b, batch, views)
             terms.update(w2s)
             loss_a = loss_a + self.w2s_weight * 0.5 * (w2s["strong_a"] + w2s["fp_a"])
             loss_b = loss_b + self.w2s_weight * 0.5 * (w2s["strong_b"] + w2s["fp_b"])
@@ -328,17 +349,25 @@ class CrossTeachingTrainer(SupervisedTrainer):
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
 
-    def _weak_to_strong(self, weak_a: torch.Tensor, weak_b: torch.Tensor, batch: SemiSupervisedBatch) -> dict:
-        """Strong-view and feature-perturbed losses of both students (and RSL on the strong view)."""
+    def _weak_to_strong(
+        self, probs_a: torch.Tensor, probs_b: torch.Tensor, batch: SemiSupervisedBatch, views: tuple | None = None
+    ) -> dict:
+        """Strong-view and feature-perturbed losses of both students (and RSL on the strong view).
+
+        ``probs_a`` / ``probs_b``: the students' probabilities on the weak (unlabeled) view, detached. ``views``:
+        ``(view, strong_a, strong_b, fp_a, fp_b)`` from the batched pass, or ``None`` to run the passes here."""
         x_u = batch.unlabeled_image
-        view = self.strong_perturbation(x_u)
-        conf_a, label_a = torch.softmax(weak_a.detach().float(), 1).max(dim=1)
-        conf_b, label_b = torch.softmax(weak_b.detach().float(), 1).max(dim=1)
-        strong_a, strong_b = self.inferer(view.image, self.network), self.inferer(view.image, self.net_b)
-        with feature_dropout(self.network, self.w2s_dropout):
-            fp_a = self.inferer(x_u, self.network)
-        with feature_dropout(self.net_b, self.w2s_dropout):
-            fp_b = self.inferer(x_u, self.net_b)
+        conf_a, label_a = probs_a.max(dim=1)
+        conf_b, label_b = probs_b.max(dim=1)
+        if views is None:
+            view = self.strong_perturbation(x_u)
+            strong_a, strong_b = self.inferer(view.image, self.network), self.inferer(view.image, self.net_b)
+            with feature_dropout(self.network, self.w2s_dropout):
+                fp_a = self.inferer(x_u, self.network)
+            with feature_dropout(self.net_b, self.w2s_dropout):
+                fp_b = self.inferer(x_u, self.net_b)
+        else:
+            view, strong_a, strong_b, fp_a, fp_b = views
         t = self.w2s_threshold
         terms = {
             "strong_a": confident_cross_entropy(strong_a, view.mix(label_b), view.mix(conf_b), t),

@@ -28,7 +28,14 @@ from torch import nn
 from scripts.training.mean_teacher import unwrap
 from scripts.training.networks import SSL4MISUNet
 
-__all__ = ["MixedView", "StrongPerturbation", "confident_cross_entropy", "feature_dropout", "BOTTLENECKS"]
+__all__ = [
+    "MixedView",
+    "StrongPerturbation",
+    "confident_cross_entropy",
+    "feature_dropout",
+    "has_batch_statistics",
+    "BOTTLENECKS",
+]
 
 #: Network class -> the submodule whose output (the deepest encoder feature) the feature-perturbed pass drops.
 BOTTLENECKS: dict[type, str] = {BasicUNet: "down_4", SSL4MISUNet: "down.3", SwinUNETR: "encoder10"}
@@ -155,8 +162,11 @@ def confident_cross_entropy(
 
 
 @contextlib.contextmanager
-def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None):
-    """Within the block, the network's bottleneck output goes through ``dropout2d(p)`` (training mode)."""
+def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None, last: int | None = None):
+    """Within the block, the network's bottleneck output goes through ``dropout2d(p)`` (training mode).
+
+    ``last``: only the last ``last`` samples of the batch are dropped (the feature-perturbed view of a batched
+    pass that the trainer runs as one batch with the others); ``None``: all of them."""
     net = unwrap(network)
     if layer is None:
         layer = next((name for cls, name in BOTTLENECKS.items() if isinstance(net, cls)), None)
@@ -168,8 +178,19 @@ def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None
     if layer not in cache:
         cache[layer] = dict(net.named_modules())[layer]
     module = cache[layer]
-    handle = module.register_forward_hook(lambda m, args, out: F.dropout2d(out, p, training=True))
+
+    def drop(m, args, out):
+        if last is None:
+            return F.dropout2d(out, p, training=True)
+        return torch.cat([out[:-last], F.dropout2d(out[-last:], p, training=True)])
+
+    handle = module.register_forward_hook(drop)
     try:
         yield
     finally:
         handle.remove()
+
+
+def has_batch_statistics(network: nn.Module) -> bool:
+    """Whether a layer of the network normalises with statistics of the whole batch (BatchNorm)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(network).modules())
