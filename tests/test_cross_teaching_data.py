@@ -68,6 +68,7 @@ def _parser(datalist: Path, *extra: str) -> ConfigParser:
     parser["datalist_file"] = str(datalist)
     parser["use_reps"] = False  # a hand-made registered datalist: no registration transforms for REPS
     parser["patch_size"] = [48, 48]
+    parser["device_sampling"] = False  # the MONAI per-slice chain (tests/test_device_slices.py: the device sampler)
     return parser
 
 

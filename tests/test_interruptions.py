@@ -136,7 +136,7 @@ def test_ctrl_c_in_a_terminal_still_saves_and_stops(tmp_path, phantom):
     """Ctrl-C in a terminal interrupts every process of the group, data-loader workers included: the workers leave
     the stop to the training, which saves its state and reports the one line (no worker dies first)."""
     log = tmp_path / "train.log"
-    proc = _start(_training(tmp_path, phantom, "--num_workers", "1"), log)
+    proc = _start(_training(tmp_path, phantom, "--num_workers", "1", "--device_sampling", "false"), log)
     _wait_for(lambda: "/60 [" in log.read_text(), what="training to start")
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)  # the test started it in a session of its own: the group is its pid
@@ -148,7 +148,7 @@ def test_ctrl_c_in_a_terminal_still_saves_and_stops(tmp_path, phantom):
 
 def test_no_data_loader_worker_outlives_a_killed_training(tmp_path, phantom):
     log = tmp_path / "train.log"
-    proc = _start(_training(tmp_path, phantom, "--num_workers", "2"), log)
+    proc = _start(_training(tmp_path, phantom, "--num_workers", "2", "--device_sampling", "false"), log)
     _wait_for(lambda: "/60 [" in log.read_text() and len(_children(proc.pid)) >= 2, what="data loader workers")
     workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)

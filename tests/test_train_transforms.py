@@ -38,6 +38,7 @@ def test_patches_have_patch_size_and_stay_aligned(datalist):
     parser.read_config(str(ROOT / "configs" / "train.yaml"))
     parser["datalist_file"] = str(datalist)
     parser["patch_size"] = [48, 48]
+    parser["device_sampling"] = False  # the MONAI per-slice chain (tests/test_device_slices.py: the device sampler)
     transform = parser.get_parsed_content("train#preprocessing")
     transform.set_random_state(0)
     item = parser.get_parsed_content("train#datalist")[0]
@@ -92,6 +93,7 @@ def test_random_crop_keeps_image_label_and_coordinates_together(datalist):
     parser["datalist_file"] = str(datalist)
     parser["patch_size"] = [48, 48]
     parser["crop_min_scale"] = 0.5
+    parser["device_sampling"] = False  # the MONAI per-slice chain (tests/test_device_slices.py: the device sampler)
     transform = parser.get_parsed_content("train#preprocessing")
     transform.set_random_state(0)
     item = parser.get_parsed_content("train#datalist")[0]

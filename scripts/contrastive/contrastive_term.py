@@ -196,7 +196,8 @@ class ContrastiveTerm(nn.Module):
     def _batch_geometry(self, batch: SemiSupervisedBatch, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(volume index (B,), slice index (B,), patch->slice frames (B, 2, 3))``; volume -1 = unknown."""
         ids, slices, coords = (getattr(batch, k, None) for k in ("ids", "slice_index", "slice_coords"))
-        if ids is None or slices is None or coords is None:
+        frames = getattr(batch, "slice_frames", None)  # exact maps from the device sampler, else fitted to the coords
+        if ids is None or slices is None or (coords is None and frames is None):
             raise ValueError(
                 "REPS needs volume ids, slice indices and slice coordinate maps in every batch: use "
                 "scripts.contrastive.slice_coordinates.ContrastivePrepareBatch and SliceCoordinatesd "
@@ -204,15 +205,18 @@ class ContrastiveTerm(nn.Module):
             )
         if len(ids) != size:
             raise ValueError(f"REPS: {len(ids)} ids for a batch of {size}")
-        device = coords.device
+        device = (frames if frames is not None else coords).device
         if self.correspondence.device != device:
             self.correspondence.to(device)
         # the ids are host strings (from the loader): their indices go to the device with the batch
         volume = torch.tensor([self.correspondence.index.get(i, -1) for i in ids], dtype=torch.long).to(
             device, non_blocking=True
         )
-        frames, ok = fit_patch_frames(coords)
-        volume = torch.where(ok, volume, -1)
+        if frames is None:
+            frames, ok = fit_patch_frames(coords)
+            volume = torch.where(ok, volume, -1)
+        else:
+            frames = frames.to(torch.float64)
         return volume, slices.long().to(device, non_blocking=True), frames
 
     def _registered(

@@ -98,12 +98,14 @@ def fit_patch_frames(coords: torch.Tensor, erode: int = 2, min_pixels: int = 16)
 @dataclass
 class ContrastiveBatch(SemiSupervisedBatch):
     """A :class:`SemiSupervisedBatch` plus, for labeled then unlabeled samples, ``ids`` (volume ids),
-    ``slice_index`` ``(L + U,)`` and ``slice_coords`` ``(L + U, 3, H, W)`` (``None`` when the data has no
-    coordinate maps)."""
+    ``slice_index`` ``(L + U,)`` and either ``slice_coords`` ``(L + U, 3, H, W)`` (the MONAI pipeline's coordinate
+    maps, fitted by :func:`fit_patch_frames`) or ``slice_frames`` ``(L + U, 2, 3)`` (the device sampler's exact
+    maps, :mod:`scripts.data.device_slices`); ``None`` where the data has neither."""
 
     ids: list[str] | None = None
     slice_index: torch.Tensor | None = None
     slice_coords: torch.Tensor | None = None
+    slice_frames: torch.Tensor | None = None  # (L + U, 2, 3) exact patch -> slice maps (device sampling)
 
 
 def _ids(x) -> list[str]:
@@ -126,6 +128,10 @@ class ContrastivePrepareBatch(SemiSupervisedPrepareBatch):
             out.ids = [i for h in halves for i in _ids(h[self.id_key])]
             # host tensors from the loader, joined without reading them element by element
             out.slice_index = torch.cat([torch.as_tensor(h[self.slice_key]).reshape(-1).long() for h in halves])
+        if batchdata.get("slice_frames") is not None:
+            out.slice_frames = torch.as_tensor(batchdata["slice_frames"]).to(
+                device if device is not None else "cpu", non_blocking=non_blocking
+            )
         if all(self.coords_key in h for h in halves):
             out.slice_coords = torch.cat(
                 [
