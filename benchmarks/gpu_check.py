@@ -183,6 +183,7 @@ def time_training(
         "amp_on": bool(parser.get_parsed_content("amp_on")),
         "handlers": handlers,
         "graph_capture": "not implemented",
+        "pipeline": "workers, 3 passes" if (overrides or {}).get("device_sampling") is False else "device, 1 pass",
         "iterations": iterations,
         "seconds": seconds,
         "it_per_s": iterations / seconds,
@@ -249,6 +250,11 @@ def main() -> None:
         help="precision of the timed trainings: the default (auto), autocast on (1) or float32 (0)",
     )
     ap.add_argument("--fp32_too", action="store_true", help="also time the first variant and patch in float32")
+    ap.add_argument(
+        "--old_pipeline_too",
+        action="store_true",
+        help="also time the first variant and patch with the MONAI per-slice pipeline and separate weak-to-strong passes",
+    )
     ap.add_argument("--no_handlers", action="store_true", help="time the steps alone (no handlers)")
     ap.add_argument("--side_by_side", type=int, default=0, help="then N runs of the first variant and patch at once")
     ap.add_argument("--truth_labels", action="store_true", help=argparse.SUPPRESS)  # a child on the parent's phantom
@@ -283,10 +289,14 @@ def main() -> None:
         if args.device != "cpu" and args.cpu_pairs:
             report["registration"].append(time_registration(pairs, "cpu", args.cpu_pairs))
     cases = [(v, p, a) for v in args.variants for p in args.patch for a in args.amp]
+    cases = [(v, p, a, {}) for v, p, a in cases]
     if args.fp32_too:
-        cases.append((args.variants[0], args.patch[0], "0"))
+        cases.append((args.variants[0], args.patch[0], "0", {}))
+    if args.old_pipeline_too:  # items 2-3 of issue 32 off: loader workers and three passes per network
+        old = {"device_sampling": False, "w2s_batched": False, "num_workers": 4}
+        cases.append((args.variants[0], args.patch[0], args.amp[0], old))
     report["training"] = []
-    for variant, patch, amp in cases:
+    for variant, patch, amp, extra in cases:
         row = time_training(
             datalist,
             registration,
@@ -296,7 +306,7 @@ def main() -> None:
             args.warmup,
             args.iterations,
             amp,
-            overrides,
+            {**overrides, **extra},
             variant,
             handlers=not args.no_handlers,
         )
@@ -319,7 +329,7 @@ def main() -> None:
         together = f", {r['side_by_side']} side by side (each)" if r.get("side_by_side") else ""
         print(
             f"| {r['variant']}, patch {r['patch']}, batch {r['batch']}, amp {r['amp']} ({'on' if r['amp_on'] else 'off'}), "
-            f"handlers {'on' if r['handlers'] else 'off'}{together} | {args.device} | {r['iterations']} it. | "
+            f"handlers {'on' if r['handlers'] else 'off'}, {r['pipeline']}{together} | {args.device} | {r['iterations']} it. | "
             f"{r['seconds']:.1f} | {r['it_per_s']:.2f} it/s ({r['s_per_it']:.3f} s/it) | {r['peak_gpu_mb']:.0f} |"
         )
     print(f"\nwritten: {args.out}")

@@ -45,7 +45,7 @@ gpu_install_wheels || exit 1
 
 echo "== timings on the phantom (at most 210 s)"
 timeout 210 "$PY" benchmarks/gpu_check.py --variants default cct_r cts ls --patch 128 224 --warmup 6 --iterations 30 \
-  --pairs 64 --cpu_pairs 4 --fp32_too --side_by_side 2 --out "$RES/gpu_check.json" > "$RES/timings.log" 2>&1
+  --pairs 64 --cpu_pairs 4 --fp32_too --old_pipeline_too --side_by_side 2 --out "$RES/gpu_check.json" > "$RES/timings.log" 2>&1
 grep -E '^\||^\{' "$RES/timings.log" | grep -v '^{' ; grep -E "Error|error:" "$RES/timings.log" | tail -5
 wait  # the unpacking
 

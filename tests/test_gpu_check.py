@@ -36,6 +36,7 @@ def test_gpu_check_times_registration_and_training_on_the_cpu(tmp_path):
         "ls",
         "--side_by_side",
         "2",
+        "--old_pipeline_too",
         "--out",
         str(out),
     ]
@@ -48,10 +49,13 @@ def test_gpu_check_times_registration_and_training_on_the_cpu(tmp_path):
     assert [(r["variant"], r.get("side_by_side")) for r in rows] == [
         ("default", None),
         ("ls", None),
+        ("default", None),
         ("default", 2),
         ("default", 2),
     ]
+    assert [r["pipeline"] for r in rows[:3]] == ["device, 1 pass", "device, 1 pass", "workers, 3 passes"]
     for r in rows:
         assert r["amp"] == "0" and not r["amp_on"] and r["handlers"] and r["iterations"] == 1 and r["finite_losses"]
         assert r["it_per_s"] > 0 and math.isnan(r["peak_gpu_mb"])
-    assert "| ls, patch 32, batch 8, amp 0 (off), handlers on |" in proc.stdout
+    assert "| ls, patch 32, batch 8, amp 0 (off), handlers on, device, 1 pass |" in proc.stdout
+    assert "| default, patch 32, batch 8, amp 0 (off), handlers on, workers, 3 passes |" in proc.stdout
