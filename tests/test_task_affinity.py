@@ -259,6 +259,14 @@ def test_ramp_up_makes_w_tac_follow_the_cross_teaching_ramp(tmp_path, data):
     assert terms["loss_a"].item() == pytest.approx(
         terms["sup_a"].item() + terms["w_tac"].item() * terms["tac_a"].item(), rel=1e-4
     )
+    tac = trainer.affinity  # the overlay's readings (docs/conventions.md)
+    assert (tac.reduction, tac.mask, tac.resize, tac.pairing, tac.absent) == (
+        "mean",
+        "soft",
+        "nearest",
+        "pooled",
+        "skip",
+    )
 
 
 def test_tac_overlay_trains_and_the_plain_inference_command_serves_it(tmp_path, data):
