@@ -132,6 +132,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
         w2s_dropout: channel dropout of the feature-perturbed pass.
         strong_perturbation: the strong view (default :class:`scripts.training.weak_to_strong.StrongPerturbation`).
+        unlabeled_scale: every term beyond the supervised one (cross teaching, RSL, contrastive, weak-to-strong, TAC) is
+            multiplied by this factor (1: as the terms' own weights say).
+        unlabeled_warmup: iterations at the start in which that factor is 0 (the supervised loss alone).
         w2s_batched: run each network once per iteration on ``[x_l; x_u; strong view; x_u]`` (the feature dropout on
             the last quarter only) instead of three passes; the same mathematics for networks whose normalisation is
             per sample (instance / layer norm: the bundle's U-Net and SwinUNETR). A network with BatchNorm keeps the
@@ -173,6 +176,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_dropout: float = 0.5,
         strong_perturbation: Callable | None = None,
         w2s_batched: bool = True,
+        unlabeled_scale: float = 1.0,
+        unlabeled_warmup: int = 0,
         inferer: Callable | None = None,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
@@ -262,6 +267,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
             float(w2s_dropout),
         )
         self.strong_perturbation = StrongPerturbation() if strong_perturbation is None else strong_perturbation
+        if float(unlabeled_scale) < 0 or int(unlabeled_warmup) < 0:
+            raise ValueError(
+                f"unlabeled_scale and unlabeled_warmup must be >= 0, got {unlabeled_scale!r}, {unlabeled_warmup!r}"
+            )
+        self.unlabeled_scale, self.unlabeled_warmup = float(unlabeled_scale), int(unlabeled_warmup)
+        self._unl_now = self.unlabeled_scale
         nets = [net for net in (net_a, net_b) if net is not None]
         self.w2s_one_pass = bool(w2s_batched) and not any(has_batch_statistics(net) for net in nets)
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
@@ -287,6 +298,16 @@ class CrossTeachingTrainer(SupervisedTrainer):
         """TAC's weight at the 0-based ``iteration`` (a constant, or the ``affinity_weight`` schedule)."""
         w = self.affinity_weight
         return float(w(iteration) if callable(w) else w)
+
+    def unlabeled_factor(self, iteration: int) -> float:
+        """The factor of every unsupervised term at the 0-based ``iteration`` (0 during the warm-up)."""
+        return 0.0 if iteration < self.unlabeled_warmup else self.unlabeled_scale
+
+    def _with_factor(self, loss: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+        """``L_sup + f * (L - L_sup)``: the unsupervised part of ``loss`` scaled (unchanged when ``f`` is 1)."""
+        if self._unl_now == 1.0:
+            return loss
+        return supervised + self._unl_now * (loss - supervised)
 
     def w_cps(self, iteration: int) -> float:
         """The consistency weight at the 0-based ``iteration``."""
@@ -346,6 +367,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
             loss_b = loss_b + self._w_rsl_now * terms["rsl_b"]
+        loss_a, loss_b = self._with_factor(loss_a, terms["sup_a"]), self._with_factor(loss_b, terms["sup_b"])
         terms["loss_a"], terms["loss_b"] = loss_a, loss_b
         return loss_a + loss_b, terms
 
@@ -409,6 +431,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, target, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
+        loss_a = self._with_factor(loss_a, terms["sup_a"])
         terms["loss_a"] = loss_a
         return loss_a, terms
 
@@ -424,6 +447,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.affinity_on:
             terms["tac_a"] = self.affinity(out_a, batch.label, n)
             loss_a = loss_a + self._w_tac_now * terms["tac_a"]
+        loss_a = self._with_factor(loss_a, terms["sup_a"])
         terms["loss_a"] = loss_a
         return loss_a, terms
 
@@ -463,6 +487,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w = engine.w_cps(iteration)
         engine._w_rsl_now = engine.w_rsl(iteration)
         engine._w_tac_now = engine.w_tac(iteration)
+        engine._unl_now = engine.unlabeled_factor(iteration)
         engine.network.train()
         if engine.net_b is not None:
             engine.net_b.train()
@@ -509,6 +534,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
             terms["w_rsl"] = torch.tensor(engine._w_rsl_now)
         if engine.affinity_on:
             terms["w_tac"] = torch.tensor(engine._w_tac_now)
+        if engine.unlabeled_scale != 1.0 or engine.unlabeled_warmup > 0:
+            terms["unlabeled_factor"] = torch.tensor(engine._unl_now)
         if engine.contrastive_on:
             for which, share in getattr(engine.contrastive, "reps_found", {}).items():
                 terms[f"reps_found_{which}"] = torch.as_tensor(
