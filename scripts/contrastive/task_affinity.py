@@ -50,6 +50,7 @@ __all__ = [
     "resize_masks",
     "class_representations",
     "representation_distance",
+    "check_switches",
     "TaskAffinityConsistency",
 ]
 
@@ -102,8 +103,7 @@ RESIZE_MODES = ("area", "nearest")
 
 def resize_masks(masks: torch.Tensor, size: Sequence[int], mode: str = "area") -> torch.Tensor:
     """``(B, C, H, W)`` masks to ``size`` by area averaging or nearest neighbour (unchanged when the size fits)."""
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    check_switches(resize=mode)
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
     size = tuple(int(s) for s in size)
@@ -139,6 +139,16 @@ def class_representations(
 REDUCTIONS = ("sum", "mean")
 PAIRINGS = ("pooled", "paired")
 ABSENT = ("skip", "zero")
+MASKS = ("hard", "soft")
+
+
+def check_switches(**switches: str) -> None:
+    """Raise a ValueError naming the first switch (``reduction``, ``resize``, ``pairing``, ``absent``, ``mask``) whose
+    value is not one of its readings."""
+    allowed = {"reduction": REDUCTIONS, "resize": RESIZE_MODES, "pairing": PAIRINGS, "absent": ABSENT, "mask": MASKS}
+    for name, value in switches.items():
+        if value not in allowed[name]:
+            raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
 
 
 def representation_distance(
@@ -155,11 +165,7 @@ def representation_distance(
     channels; classes present in both halves only (``absent="skip"``) or all (``"zero"``). ``pairing="paired"``
     compares slice i of one half with slice i of the other and averages over the pairs (the halves' first
     ``min(n_l, n_u)`` slices)."""
-    for name, value, allowed in (("reduction", reduction, REDUCTIONS), ("pairing", pairing, PAIRINGS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if absent not in ABSENT:
-        raise ValueError(f"absent must be one of {ABSENT}, got {absent!r}")
+    check_switches(reduction=reduction, resize=resize, pairing=pairing, absent=absent)
     per_slice = pairing == "paired"
     if per_slice:
         k = min(feat_l.shape[0], feat_u.shape[0])
@@ -172,9 +178,6 @@ def representation_distance(
         d = d * (p_l & p_u).to(d.dtype)
     d = d.sum(dim=-1)
     return d.mean() if per_slice else d
-
-
-MASKS = ("hard", "soft")
 
 
 class TaskAffinityConsistency(nn.Module):
@@ -213,10 +216,7 @@ class TaskAffinityConsistency(nn.Module):
         super().__init__()
         if float(tau_context) < 0 or float(tau_structure) < 0:
             raise ValueError(f"tau_context and tau_structure must be >= 0, got {tau_context!r}, {tau_structure!r}")
-        if mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-        # the other switches are checked here too, before any training starts
-        representation_distance(*(torch.zeros(1, 1, 1, 1),) * 4, reduction, resize, pairing, absent)
+        check_switches(reduction=reduction, mask=mask, resize=resize, pairing=pairing, absent=absent)  # before training
         self.num_classes = int(num_classes)
         self.tau_context, self.tau_structure = float(tau_context), float(tau_structure)
         self.reduction, self.mask, self.resize, self.pairing, self.absent = reduction, mask, resize, pairing, absent

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from monai.data import MetaTensor
 
+from scripts.data.semi_supervised_data import REGISTERED_LABEL, REGISTERED_VALID, REGISTERED_WEIGHT
 from scripts.data.slicing import resolve_slice_axis
 from scripts.user_errors import BundleInputError
 
@@ -44,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SliceStack", "SliceAugmentation", "sample_patches", "DeviceSliceLoader"]
 
-REGISTERED_LABEL = "registered_label"
-REGISTERED_VALID = "registered_label_valid"
-REGISTERED_WEIGHT = "registered_label_weight"
 #: Keys sampled with the nearest rule (stored as uint8 class indices).
 LABEL_KEYS = ("label", REGISTERED_LABEL)
 

@@ -85,6 +85,11 @@ __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher", "none")
 
 
+def _weight_at(weight, iteration: int) -> float:
+    """A loss weight at the 0-based ``iteration``: a schedule ``w(i)`` (e.g. ``RampUpWeight``) or a constant."""
+    return float(weight(iteration) if callable(weight) else weight)
+
+
 def _check_term(name: str, term, weight: float, kind: str) -> None:
     """``<name>_weight`` must be >= 0, and > 0 needs a term."""
     if float(weight) < 0:
@@ -296,8 +301,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def w_tac(self, iteration: int) -> float:
         """TAC's weight at the 0-based ``iteration`` (a constant, or the ``affinity_weight`` schedule)."""
-        w = self.affinity_weight
-        return float(w(iteration) if callable(w) else w)
+        return _weight_at(self.affinity_weight, iteration)
 
     def unlabeled_factor(self, iteration: int) -> float:
         """The factor of every unsupervised term at the 0-based ``iteration`` (0 during the warm-up)."""
@@ -311,8 +315,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def w_cps(self, iteration: int) -> float:
         """The consistency weight at the 0-based ``iteration``."""
-        w = self.consistency_weight
-        return float(w(iteration) if callable(w) else w)
+        return _weight_at(self.consistency_weight, iteration)
+
+    def _add_affinity(self, terms: dict, loss_a: torch.Tensor, out_a: torch.Tensor, batch, n: int) -> torch.Tensor:
+        """``loss_a + w_tac * R_A`` (``terms["tac_a"] = R_A``) when TAC is on, else ``loss_a``."""
+        if not self.affinity_on:
+            return loss_a
+        terms["tac_a"] = self.affinity(out_a, batch.label, n)
+        return loss_a + self._w_tac_now * terms["tac_a"]
 
     def _rsl(self, logits_u: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
         if batch.registered_label is None:
@@ -346,9 +356,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         }
         loss_a = terms["sup_a"] + w * terms["cps_a"]
         loss_b = terms["sup_b"] + w * terms["cps_b"]
-        if self.affinity_on:
-            terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
+        loss_a = self._add_affinity(terms, loss_a, out_a, batch, n)
         # each network's probabilities on the unlabeled half, computed once for the terms that use them
         probs_a = torch.softmax(out_a[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
         probs_b = torch.softmax(out_b[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
@@ -425,9 +433,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
-        if self.affinity_on:
-            terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
+        loss_a = self._add_affinity(terms, loss_a, out_a, batch, n)
         if self.contrastive_on:
             terms["cl_a"] = self.contrastive("a", out_a, target, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
@@ -444,9 +450,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if self.rsl_weight > 0:
             terms["rsl_a"] = self._rsl(out_a[n:], batch)
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
-        if self.affinity_on:
-            terms["tac_a"] = self.affinity(out_a, batch.label, n)
-            loss_a = loss_a + self._w_tac_now * terms["tac_a"]
+        loss_a = self._add_affinity(terms, loss_a, out_a, batch, n)
         loss_a = self._with_factor(loss_a, terms["sup_a"])
         terms["loss_a"] = loss_a
         return loss_a, terms
