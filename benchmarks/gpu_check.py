@@ -182,7 +182,9 @@ def time_training(
         "amp": str(amp),
         "amp_on": bool(parser.get_parsed_content("amp_on")),
         "handlers": handlers,
-        "graph_capture": "not implemented",
+        "graph_capture": trainer.capture.describe()
+        if hasattr(trainer, "capture")
+        else (f"MONAI compile {trainer.compile}" if getattr(trainer, "compile", False) else "off (eager)"),
         "pipeline": "workers, 3 passes" if (overrides or {}).get("device_sampling") is False else "device, 1 pass",
         "iterations": iterations,
         "seconds": seconds,
@@ -255,6 +257,11 @@ def main() -> None:
         action="store_true",
         help="also time the first variant and patch with the MONAI per-slice pipeline and separate weak-to-strong passes",
     )
+    ap.add_argument(
+        "--capture_too",
+        action="store_true",
+        help="also time the first variant and patch with graph_capture on (torch.compile; CUDA graphs on CUDA)",
+    )
     ap.add_argument("--no_handlers", action="store_true", help="time the steps alone (no handlers)")
     ap.add_argument("--side_by_side", type=int, default=0, help="then N runs of the first variant and patch at once")
     ap.add_argument("--truth_labels", action="store_true", help=argparse.SUPPRESS)  # a child on the parent's phantom
@@ -295,6 +302,8 @@ def main() -> None:
     if args.old_pipeline_too:  # items 2-3 of issue 32 off: loader workers and three passes per network
         old = {"device_sampling": False, "w2s_batched": False, "num_workers": 4}
         cases.append((args.variants[0], args.patch[0], args.amp[0], old))
+    if args.capture_too:  # issue 32 item 4: the compile happens within the warm-up iterations
+        cases.append((args.variants[0], args.patch[0], args.amp[0], {"graph_capture": True}))
     report["training"] = []
     for variant, patch, amp, extra in cases:
         row = time_training(
@@ -327,6 +336,7 @@ def main() -> None:
         )
     for r in report["training"]:
         together = f", {r['side_by_side']} side by side (each)" if r.get("side_by_side") else ""
+        together += f", capture: {r['graph_capture']}" if r.get("graph_capture", "off (eager)") != "off (eager)" else ""
         print(
             f"| {r['variant']}, patch {r['patch']}, batch {r['batch']}, amp {r['amp']} ({'on' if r['amp_on'] else 'off'}), "
             f"handlers {'on' if r['handlers'] else 'off'}, {r['pipeline']}{together} | {args.device} | {r['iterations']} it. | "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,20 @@ def test_feature_dropout_perturbs_only_inside_the_block():
     assert torch.allclose(net(x), clean)  # the hook is gone
     with feature_dropout(net, 0.0):
         assert torch.allclose(net(x), clean)
+
+
+def test_feature_dropout_keeps_one_hook_and_a_copy_of_the_network_is_not_perturbed():
+    # one persistent hook (a compiled network must not see a new hook every pass), set per block, per network
+    net = _unet(0).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with feature_dropout(net, 0.5):
+        pass
+    twin = copy.deepcopy(net)
+    for _ in range(3):
+        with feature_dropout(net, 0.5):
+            assert not torch.allclose(net(x), twin(x))  # the copy's bottleneck is not inside the block
+    assert len(net.down_4._forward_hooks) == 1
+    assert net.down_4._w2s_dropout is None and torch.allclose(net(x), twin(x))
 
 
 class _Identity:

@@ -52,6 +52,7 @@ with every loss term, ``w_cps`` and (UA-MT) the fraction of certain pixels, all 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -65,6 +66,7 @@ from torch.optim import Optimizer
 
 from scripts.data.semi_supervised_data import SemiSupervisedBatch, SemiSupervisedPrepareBatch
 from scripts.training.consistency_weight import RampUpWeight, sigmoid_ramp_up
+from scripts.training.graph_capture import GraphCapture
 from scripts.training.mean_teacher import ema_update, noisy_teacher_predictions, unwrap
 from scripts.training.semi_supervised_losses import (
     PseudoLabelCELoss,
@@ -144,6 +146,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
             the last quarter only) instead of three passes; the same mathematics for networks whose normalisation is
             per sample (instance / layer norm: the bundle's U-Net and SwinUNETR). A network with BatchNorm keeps the
             separate passes, whatever this says, so that its batch statistics stay those of each view alone.
+        graph_capture: compile the trained networks' training passes (:mod:`scripts.training.graph_capture`:
+            ``torch.compile``, CUDA graphs on CUDA), falling back to eager passes if capture fails.
+        capture_backend: ``torch.compile``'s backend for ``graph_capture`` (``inductor``; ``aot_eager`` captures
+            without generating kernels).
         inferer: how a network is applied to a batch of slices (default ``SimpleInferer``: the whole patch at once).
         non_blocking, amp_kwargs, optim_set_to_none: as for ``SupervisedTrainer``.
     """
@@ -183,6 +189,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_batched: bool = True,
         unlabeled_scale: float = 1.0,
         unlabeled_warmup: int = 0,
+        graph_capture: bool = False,
+        capture_backend: str = "inductor",
         inferer: Callable | None = None,
         non_blocking: bool = False,
         amp_kwargs: dict | None = None,
@@ -280,6 +288,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self._unl_now = self.unlabeled_scale
         nets = [net for net in (net_a, net_b) if net is not None]
         self.w2s_one_pass = bool(w2s_batched) and not any(has_batch_statistics(net) for net in nets)
+        # the networks whose training passes run here (the UA-MT teacher's noisy passes stay eager)
+        trained = [net_a] + ([net_b] if consistency != "mean_teacher" else [])
+        self.capture = GraphCapture(trained, graph_capture, device, capture_backend)
         self._projectors_broadcast = False  # DDP: rank 0's projector heads sent to all at the first iteration
 
     def _new_scaler(self):
@@ -290,6 +301,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
     def run(self) -> None:  # type: ignore[override]
         """Train (a fresh gradient scaler per run, as MONAI's ``Trainer.run``, but only where one is needed)."""
         self.scaler = self._new_scaler()
+        if self.capture.enabled:
+            logging.getLogger(__name__).info("training passes: %s", self.capture.describe())
         Workflow.run(self)
 
     # ------------------------------------------------------------------ loss terms
@@ -324,6 +337,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
         terms["tac_a"] = self.affinity(out_a, batch.label, n)
         return loss_a + self._w_tac_now * terms["tac_a"]
 
+    def _pass(self, x: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        """A training pass of ``network`` on ``x`` (through its captured graph with ``graph_capture``)."""
+        return self.inferer(x, self.capture.forward(network))
+
     def _rsl(self, logits_u: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
         if batch.registered_label is None:
             raise ValueError(
@@ -341,12 +358,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
             u = batch.unlabeled_image.shape[0]
             x_all = torch.cat([x, view.image, batch.unlabeled_image])
             with feature_dropout(self.network, self.w2s_dropout, last=u):
-                out_a, strong_a, fp_a = self.inferer(x_all, self.network).split([x.shape[0], u, u])
+                out_a, strong_a, fp_a = self._pass(x_all, self.network).split([x.shape[0], u, u])
             with feature_dropout(self.net_b, self.w2s_dropout, last=u):
-                out_b, strong_b, fp_b = self.inferer(x_all, self.net_b).split([x.shape[0], u, u])
+                out_b, strong_b, fp_b = self._pass(x_all, self.net_b).split([x.shape[0], u, u])
             views = (view, strong_a, strong_b, fp_a, fp_b)
         else:
-            out_a, out_b = self.inferer(x, self.network), self.inferer(x, self.net_b)
+            out_a, out_b = self._pass(x, self.network), self._pass(x, self.net_b)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = {
             "sup_a": self.loss_function(out_a[:n], batch.label),
@@ -391,11 +408,11 @@ class CrossTeachingTrainer(SupervisedTrainer):
         conf_b, label_b = probs_b.max(dim=1)
         if views is None:
             view = self.strong_perturbation(x_u)
-            strong_a, strong_b = self.inferer(view.image, self.network), self.inferer(view.image, self.net_b)
+            strong_a, strong_b = self._pass(view.image, self.network), self._pass(view.image, self.net_b)
             with feature_dropout(self.network, self.w2s_dropout):
-                fp_a = self.inferer(x_u, self.network)
+                fp_a = self._pass(x_u, self.network)
             with feature_dropout(self.net_b, self.w2s_dropout):
-                fp_b = self.inferer(x_u, self.net_b)
+                fp_b = self._pass(x_u, self.net_b)
         else:
             view, strong_a, strong_b, fp_a, fp_b = views
         t = self.w2s_threshold
@@ -418,7 +435,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _mean_teacher(self, batch: SemiSupervisedBatch, w: float, iteration: int) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a = self.inferer(x, self.network)
+        out_a = self._pass(x, self.network)
         target, uncertainty = noisy_teacher_predictions(
             self.net_b, batch.unlabeled_image, self.uncertainty_passes, self.noise_std, self.noise_clip
         )
@@ -443,7 +460,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
 
     def _one_network(self, batch: SemiSupervisedBatch) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
-        out_a = self.inferer(x, self.network)
+        out_a = self._pass(x, self.network)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = {"sup_a": self.loss_function(out_a[:n], batch.label)}
         loss_a = terms["sup_a"]
@@ -498,8 +515,6 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if not engine._projectors_broadcast:
             engine._broadcast_projectors()
             engine._projectors_broadcast = True
-        for opt in engine._optimizers():
-            opt.zero_grad(set_to_none=engine.optim_set_to_none)
 
         def compute() -> tuple[torch.Tensor, dict]:
             if engine.consistency == "mean_teacher":
@@ -508,27 +523,50 @@ class CrossTeachingTrainer(SupervisedTrainer):
                 return engine._one_network(batch)
             return engine._two_students(batch, w)
 
-        if engine.amp:  # CUDA: float16 (with the gradient scaler); CPU: bfloat16 autocast, no scaler needed
-            with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
-                loss, terms = compute()
-        else:
-            loss, terms = compute()
         use_scaler = engine.amp and engine.scaler is not None and engine.scaler.is_enabled()
-        engine.state.output = {"loss": loss.detach()}
+
+        def forward() -> tuple[torch.Tensor, dict]:
+            for opt in engine._optimizers():
+                opt.zero_grad(set_to_none=engine.optim_set_to_none)
+            if engine.amp:  # CUDA: float16 (with the gradient scaler); CPU: bfloat16 autocast, no scaler needed
+                with torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs):
+                    loss, terms = compute()
+            else:
+                loss, terms = compute()
+            engine.state.output = {"loss": loss.detach()}
+            return loss, terms
+
+        def backward(loss: torch.Tensor) -> None:
+            (engine.scaler.scale(loss) if use_scaler else loss).backward()
+            engine._average_projector_grads()
+
+        # with graph_capture, a failure of the captured passes (compiling or replaying, forward or backward) makes
+        # every network eager and repeats this iteration eagerly; the handlers' events stay outside the retry
+        try:
+            loss, terms = forward()
+        except Exception as err:
+            if not engine.capture.active:
+                raise
+            engine.capture.fall_back(err)
+            loss, terms = forward()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if use_scaler:
-            engine.scaler.scale(loss).backward()
-            engine._average_projector_grads()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for opt in engine._optimizers():
+        try:
+            backward(loss)
+        except Exception as err:
+            if not engine.capture.active:
+                raise
+            engine.capture.fall_back(err)
+            loss, terms = forward()
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            backward(loss)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        for opt in engine._optimizers():
+            if use_scaler:
                 engine.scaler.step(opt)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine._average_projector_grads()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for opt in engine._optimizers():
+            else:
                 opt.step()
+        if use_scaler:
+            engine.scaler.update()
         if engine.consistency == "mean_teacher":
             terms["ema_alpha"] = torch.tensor(
                 ema_update(engine.net_b, engine.network, engine.ema_decay, engine.state.iteration)

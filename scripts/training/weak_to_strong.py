@@ -161,12 +161,27 @@ def confident_cross_entropy(
     return (ce * (confidence >= threshold).to(ce.dtype)).mean()
 
 
+def _dropout_hook(module: nn.Module, args, out):
+    """The bottleneck's forward hook: passes the output through unless a :func:`feature_dropout` block is open."""
+    setting = module.__dict__.get("_w2s_dropout")
+    if setting is None:
+        return None
+    p, last = setting
+    if last is None:
+        return F.dropout2d(out, p, training=True)
+    return torch.cat([out[:-last], F.dropout2d(out[-last:], p, training=True)])
+
+
 @contextlib.contextmanager
 def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None, last: int | None = None):
     """Within the block, the network's bottleneck output goes through ``dropout2d(p)`` (training mode).
 
     ``last``: only the last ``last`` samples of the batch are dropped (the feature-perturbed view of a batched
-    pass that the trainer runs as one batch with the others); ``None``: all of them."""
+    pass that the trainer runs as one batch with the others); ``None``: all of them.
+
+    The hook is registered once per network and stays (outside a block it returns the output unchanged); a block
+    only sets the bottleneck's ``_w2s_dropout`` attribute. So a compiled network (``graph_capture``) sees the same
+    hook every pass and specialises on the setting, instead of recompiling for a new hook each pass."""
     net = unwrap(network)
     if layer is None:
         layer = next((name for cls, name in BOTTLENECKS.items() if isinstance(net, cls)), None)
@@ -176,19 +191,16 @@ def feature_dropout(network: nn.Module, p: float = 0.5, layer: str | None = None
             )
     cache = net.__dict__.setdefault("_w2s_layers", {})  # named_modules() once per network, not per iteration
     if layer not in cache:
-        cache[layer] = dict(net.named_modules())[layer]
+        module = dict(net.named_modules())[layer]
+        module.__dict__["_w2s_dropout"] = None
+        module.register_forward_hook(_dropout_hook)
+        cache[layer] = module
     module = cache[layer]
-
-    def drop(m, args, out):
-        if last is None:
-            return F.dropout2d(out, p, training=True)
-        return torch.cat([out[:-last], F.dropout2d(out[-last:], p, training=True)])
-
-    handle = module.register_forward_hook(drop)
+    module.__dict__["_w2s_dropout"] = (float(p), None if last is None else int(last))
     try:
         yield
     finally:
-        handle.remove()
+        module.__dict__["_w2s_dropout"] = None
 
 
 def has_batch_statistics(network: nn.Module) -> bool:
