@@ -11,18 +11,20 @@ only the trainer's passes go through the compiled callables, which share their p
 What the passes carry along stays in the capture: the feature taps (SCL/REPS/TAC) are forward hooks, which the
 compiler traces into the graph, and the weak-to-strong feature dropout is one persistent hook set per pass
 (:func:`scripts.training.weak_to_strong.feature_dropout`), so a steady-state iteration does not recompile.
-MONAI's ``BasicUNet`` and ``SwinUNETR`` have a few graph breaks of their own (``torch.jit.isinstance`` in the
-U-Net's up-sampling blocks, a NumPy size check in SwinUNETR); the compiler splits there and captures the pieces.
+Two things of MONAI's networks would split the graph: ``torch.jit.isinstance`` in ``BasicUNet``'s up-sampling
+blocks (``UpCat``), and SwinUNETR's NumPy size check (the bundle's ``SwinUNETR2D`` checks in plain Python). A
+captured network's ``UpCat`` blocks get :func:`upcat_forward` instead (the same computation; it also pads only
+where sizes differ, where ``UpCat`` pads by zero everywhere): with it the U-Net is one graph, and inductor
+compiles its backward, which it does not with ``UpCat``'s zero ``replicate`` pads (torch 2.13 on this bundle's
+CPU: a stride check fails in ``replication_pad2d_backward``).
 
 Fallback: if compiling or running a captured pass raises (an unsupported operation, a compiler missing on the
 machine, a CUDA-graph failure), :meth:`GraphCapture.fall_back` logs the reason once, every network runs eagerly
 from then on, and the trainer repeats that iteration eagerly (so a genuine error in the step still surfaces, from
 the eager run). ``graph_capture`` is off by default: on by default only once it is measured on a GPU.
 
-Measured on this bundle's CPU (torch 2.13, inductor): compiling the U-Net's backward fails (an inductor stride
-check on ``replication_pad2d_backward`` behind MONAI's ``UpCat``), so there the trainer falls back after the
-first iteration's attempt; ``aot_eager`` captures the default step (SCL taps, weak-to-strong, SwinUNETR) and
-replays it without recompiling (tests/test_graph_capture.py). The one-network baselines that train with MONAI's
+``aot_eager`` captures the default step (SCL taps, weak-to-strong, SwinUNETR) and replays it without
+recompiling (tests/test_graph_capture.py). The one-network baselines that train with MONAI's
 ``SupervisedTrainer`` (``ls``, ``fs``) run eagerly whatever ``graph_capture`` says (MONAI's own ``compile``
 switch has no fallback).
 """
@@ -30,12 +32,15 @@ switch has no fallback).
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from monai.networks.nets.basic_unet import UpCat
 from torch import nn
 
-__all__ = ["GraphCapture", "capture_mode", "compile_kwargs"]
+__all__ = ["GraphCapture", "capture_mode", "compile_kwargs", "upcat_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,28 @@ logger = logging.getLogger(__name__)
 def capture_mode(device: torch.device | str) -> str:
     """``torch.compile``'s mode for the training device: CUDA graphs (``reduce-overhead``) on CUDA, else default."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+def upcat_forward(self: UpCat, x: torch.Tensor, x_e: torch.Tensor | None) -> torch.Tensor:
+    """``UpCat.forward`` without ``torch.jit.isinstance`` and with the one-voxel pad only where sizes differ."""
+    x_0 = self.upsample(x)
+    if x_e is None:
+        return self.convs(x_0)
+    if self.is_pad:
+        dims = x.ndim - 2
+        pad = [0] * (2 * dims)
+        for i in range(dims):
+            pad[2 * i + 1] = int(x_e.shape[-i - 1] != x_0.shape[-i - 1])
+        if any(pad):
+            x_0 = F.pad(x_0, pad, "replicate")
+    return self.convs(torch.cat([x_e, x_0], dim=1))
+
+
+def _capture_friendly(network: nn.Module) -> None:
+    """Give the network's ``UpCat`` blocks :func:`upcat_forward` (one graph, see the module's docstring)."""
+    for module in network.modules():
+        if isinstance(module, UpCat):
+            module.forward = types.MethodType(upcat_forward, module)
 
 
 def compile_kwargs(device: torch.device | str, backend: str | Callable = "inductor") -> dict:
@@ -80,6 +107,7 @@ class GraphCapture:
         if self.enabled:
             for net in networks:
                 if net is not None:
+                    _capture_friendly(net)
                     self._compiled[id(net)] = torch.compile(net, **compile_kwargs(device, backend))
 
     @property

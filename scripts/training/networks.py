@@ -65,6 +65,13 @@ class SwinUNETR2D(SwinUNETR):
     def _padded(self, n: int) -> int:
         return max(self.min_size, -(-n // self.multiple) * self.multiple)
 
+    def _check_input_size(self, spatial_shape) -> None:
+        """MONAI's check, in plain Python (its NumPy version splits a compiled graph, ``graph_capture``); the input
+        is padded to multiples of 32 before it, so it only fails for a caller that bypasses :meth:`forward`."""
+        wrong = [i + 2 for i, n in enumerate(spatial_shape) if int(n) % self.multiple]
+        if wrong:
+            raise ValueError(f"spatial dimensions {wrong} of input {tuple(spatial_shape)} must be divisible by 32")
+
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         if x_in.ndim != 4:
             raise ValueError(f"SwinUNETR2D expects (B, C, H, W) slices, got shape {tuple(x_in.shape)}")
