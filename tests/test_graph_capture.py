@@ -143,7 +143,11 @@ def test_the_capture_friendly_upcat_is_upcat_and_the_networks_are_one_graph_each
 
     torch.manual_seed(0)
     up = UpCat(2, 8, 4, 4, act="relu", norm="instance", bias=True, dropout=0.0, upsample="deconv")
-    for skip in ((1, 4, 10, 10), (1, 4, 11, 10), (1, 4, 11, 11)):  # even sizes, and odd ones (the one-voxel replicate pad)
+    for skip in (
+        (1, 4, 10, 10),
+        (1, 4, 11, 10),
+        (1, 4, 11, 11),
+    ):  # even sizes, and odd ones (the one-voxel replicate pad)
         x, x_e = torch.rand(1, 8, 5, 5), torch.rand(*skip)
         torch.testing.assert_close(upcat_forward(up, x, x_e), up(x, x_e))
     unet = BasicUNet(2, 1, 3, features=(4, 4, 8, 8, 16, 4), dropout=0.0)

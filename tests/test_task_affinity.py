@@ -373,6 +373,15 @@ def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
         val_interval=1,
     )
     assert isinstance(trainer.network, StructureEnhancedUNet) and trainer.affinity_on
+    tac = trainer.affinity  # the same readings as variant_tac.yaml's (train.yaml's), ramped as cross teaching
+    assert (tac.reduction, tac.mask, tac.resize, tac.pairing, tac.absent) == (
+        "mean",
+        "soft",
+        "nearest",
+        "pooled",
+        "skip",
+    )
+    assert trainer.w_tac(0) < 0.01 < trainer.w_tac(1)
     terms = trainer.state.output["terms"]
     assert terms["tac_a"].item() > 0 and "rsl_a" in terms and "cps_a" in terms and "tac_b" not in terms
     assert terms["loss_a"].item() > terms["sup_a"].item()
