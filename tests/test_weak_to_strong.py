@@ -245,3 +245,27 @@ def test_w2s_overlay_trains_cct_r_with_scl_and_the_terms(tmp_path_factory):
     terms = trainer.state.output["terms"]
     # the contrastive term reads the weak pass's features, before the extra passes replace them
     assert {"strong_a", "strong_b", "fp_a", "fp_b", "rsl_a", "rsl_b", "cl_a", "cl_b"} <= set(terms)
+
+
+def test_two_unets_overlay_trains_the_default_with_a_second_unet(tmp_path_factory):
+    from monai.networks.nets import BasicUNet
+
+    from tests.cross_teaching_fixtures import make_rsl_datalist, run_trainer
+
+    data = make_rsl_datalist(tmp_path_factory.mktemp("phantom"))
+    trainer = run_trainer(
+        tmp_path_factory.mktemp("run"),
+        ["train.yaml", "variant_no_reps.yaml", "variant_two_unets.yaml"],
+        data["rsl"],
+        num_iterations=1,
+        val_interval=1,
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+    )
+    assert isinstance(trainer.network, BasicUNet) and isinstance(trainer.net_b, BasicUNet)
+    assert trainer.optimizer_b.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
+    a, b = dict(trainer.network.named_parameters()), dict(trainer.net_b.named_parameters())
+    assert a.keys() == b.keys() and not torch.equal(a["conv_0.conv_0.conv.weight"], b["conv_0.conv_0.conv.weight"])
+    terms = trainer.state.output["terms"]
+    assert {"cps_a", "cps_b", "rsl_a", "cl_a", "cl_b", "strong_b", "fp_b"} <= set(terms)
+    assert all(torch.isfinite(v).all() for v in terms.values())
