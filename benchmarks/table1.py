@@ -1,0 +1,119 @@
+"""The paper's Table 1 layout from the protocol runner's tables (issue 36).
+
+Each ``--table COUNT:PATH`` is a ``table.json`` written by ``benchmarks/protocol.py`` for one labeled count;
+its runs are grouped by variant, and Dice and HD95 (mm) per class and their mean are given as mean +- std over
+the seeds (population std, as the runner's). A variant found in several tables of the same count is taken from
+the last one given (pass the newest measurement last); ``--rename old=new`` shows a variant under another name,
+``--only`` keeps the listed variants (in that order). ``--paper`` is a JSON file ``{count: {variant: mean Dice}}``
+with the paper's numbers to print beside ours (missing: blank); ``--missing COUNT:VARIANT=reason`` adds a row
+that says why a cell is not measured::
+
+    python benchmarks/table1.py --table 1:benchmarks/results/acdc_1labeled_table1_cps.json \\
+        3:benchmarks/results/acdc_3labeled_table1.json --paper benchmarks/results/paper_table1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+CLASSES = ("RV", "myocardium", "LV", "mean")
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def collect(tables: list[tuple[int, Path]], rename: dict[str, str]) -> dict[int, dict[str, dict]]:
+    """``{count: {variant: {"runs": [...], "source": file name}}}``, later tables replacing earlier ones."""
+    cells: dict[int, dict[str, dict]] = defaultdict(dict)
+    for count, path in tables:
+        table = json.loads(Path(path).read_text())
+        grouped: dict[str, list] = defaultdict(list)
+        for run in table["runs"]:
+            grouped[rename.get(run["variant"], run["variant"])].append(run)
+        for variant, runs in grouped.items():
+            cells[count][variant] = {"runs": runs, "source": Path(path).name, "preset": table.get("preset")}
+    return cells
+
+
+def row(variant: str, cell: dict, paper: float | None) -> str:
+    runs = sorted(cell["runs"], key=lambda r: r["seed"])
+    dice = {c: _stats([100 * r["metrics"][c]["dice"] for r in runs]) for c in CLASSES}
+    hd = {c: _stats([r["metrics"][c]["hd95_mm"] for r in runs]) for c in CLASSES}
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    fmt = " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in (dice[c] for c in CLASSES[:3]))
+    mean = f"**{dice['mean'][0]:.1f} +- {dice['mean'][1]:.1f}**"
+    hds = " | ".join(f"{hd[c][0]:.1f}" for c in CLASSES[:3]) + f" | {hd['mean'][0]:.1f} +- {hd['mean'][1]:.1f}"
+    paper_cell = "" if paper is None else f"{paper:.1f}"
+    return f"| `{variant}` | {fmt} | {mean} | {hds} | {seeds} | {paper_cell} | {cell['source']} |"
+
+
+def render(cells, paper: dict, only: list[str] | None, missing: dict[tuple[int, str], str]) -> str:
+    head = (
+        "| method | RV Dice | myocardium Dice | LV Dice | **mean Dice** | RV HD95 | myocardium HD95 | LV HD95 | "
+        "mean HD95 (mm) | seeds | paper (mean Dice) | from |\n" + "|---|" + "---:|" * 8 + "---|---:|---|"
+    )
+    out = []
+    for count in sorted(set(cells) | {c for c, _ in missing}):
+        names = list(only) if only else sorted(cells.get(count, {}))
+        names += [v for c, v in missing if c == count and v not in names]
+        lines = [f"**{count} labeled patient{'s' if count != 1 else ''}**", "", head]
+        for name in names:
+            cell = cells.get(count, {}).get(name)
+            ref = paper.get(str(count), {}).get(name)
+            if cell is not None:
+                lines.append(row(name, cell, ref))
+            else:
+                reason = missing.get((count, name), "not measured")
+                ref_cell = "" if ref is None else f"{ref:.1f}"
+                lines.append("| " + " | ".join([f"`{name}`", reason] + [""] * 8 + [ref_cell, ""]) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    if ":" not in text:
+        raise SystemExit(f"{what}: {text!r} is not COUNT:...")
+    count, rest = text.split(":", 1)
+    if not count.isdigit():
+        raise SystemExit(f"{what}: {count!r} is not a labeled count")
+    return count, rest
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", nargs="+", required=True, help="COUNT:path/to/table.json (later ones win)")
+    ap.add_argument("--rename", nargs="*", default=[], help="old=new variant names")
+    ap.add_argument("--only", nargs="*", default=None, help="these variants, in this order")
+    ap.add_argument("--paper", default=None, help="JSON {count: {variant: the paper's mean Dice}}")
+    ap.add_argument("--missing", nargs="*", default=[], help="COUNT:VARIANT=reason rows for unmeasured cells")
+    ap.add_argument("--out", default=None, help="write the markdown here (default: print)")
+    args = ap.parse_args(argv)
+    tables = []
+    for text in args.table:
+        count, path = _pair(text, "--table")
+        if not Path(path).is_file():
+            raise SystemExit(f"--table: {path} does not exist")
+        tables.append((int(count), Path(path)))
+    rename = dict(r.split("=", 1) for r in args.rename)
+    missing = {}
+    for text in args.missing:
+        count, rest = _pair(text, "--missing")
+        variant, _, reason = rest.partition("=")
+        missing[(int(count), variant)] = reason or "not measured"
+    paper = json.loads(Path(args.paper).read_text()) if args.paper else {}
+    text = render(collect(tables, rename), paper, args.only, missing)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""benchmarks/table1.py: the paper's Table 1 layout from the protocol runner's tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import table1  # noqa: E402
+
+
+def _run(variant: str, seed: int, dice: float, hd: float) -> dict:
+    metrics = {c: {"dice": dice, "hd95_mm": hd} for c in ("RV", "myocardium", "LV", "mean")}
+    return {"variant": variant, "seed": seed, "metrics": metrics}
+
+
+def _table(path: Path, runs: list[dict]) -> str:
+    path.write_text(json.dumps({"preset": "full", "runs": runs}))
+    return str(path)
+
+
+def test_cells_are_seed_means_the_last_table_wins_and_missing_cells_say_why(tmp_path):
+    old = _table(tmp_path / "old.json", [_run("ls", 1, 0.50, 10.0), _run("ls", 2, 0.50, 10.0)])
+    new = _table(tmp_path / "new.json", [_run("ls", 1, 0.60, 10.0), _run("ls", 2, 0.80, 30.0), _run("cps", 1, 0.7, 5)])
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps({"7": {"ls": 75.9, "mcsc": 80.0}}))
+    text = table1.main(
+        [
+            "--table",
+            f"7:{old}",
+            f"7:{new}",
+            "--paper",
+            str(paper),
+            "--only",
+            "ls",
+            "mcsc",
+            "--missing",
+            "7:mcsc=too slow",
+        ]
+    )
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(lines) == 2  # --only: cps left out
+    ls, mcsc = lines
+    assert "**70.0 +- 10.0**" in ls and "20.0 +- 10.0" in ls and "| 75.9 |" in ls and "new.json" in ls
+    assert "too slow" in mcsc and "| 80.0 |" in mcsc
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert ls.count("|") == mcsc.count("|") == header.count("|")
+
+
+def test_a_table_that_is_not_there_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="nothere.json does not exist"):
+        table1.main(["--table", f"1:{tmp_path / 'nothere.json'}"])
+    with pytest.raises(SystemExit, match="not COUNT"):
+        table1.main(["--table", "table.json"])
