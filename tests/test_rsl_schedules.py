@@ -110,6 +110,71 @@ def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
     )
 
 
+def test_label_agreement_is_the_mean_foreground_dice_per_sample():
+    from scripts.training.semi_supervised_losses import label_agreement
+
+    a = torch.zeros(3, 1, 4, 4)
+    b = torch.zeros(3, 4, 4, dtype=torch.long)
+    a[0, 0, :2] = 1  # class 1 on 8 pixels; b has it on the same 8: Dice 1 (class 2 absent from both: 1)
+    b[0, :2] = 1
+    a[1, 0, :2] = 1  # a: class 1 on 8 pixels, b: class 2 there (each class: Dice ~0)
+    b[1, :2] = 2
+    a[2, 0, 0] = 1  # a: class 1 on 4 pixels, b: on 8 of which those 4: Dice 8/12 (eps 0)
+    b[2, :2] = 1
+    q = label_agreement(a, b, 3, eps=0.0 + 1e-9)
+    assert q[0].item() == pytest.approx(1.0) and q[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert q[2].item() == pytest.approx((8 / 12 + 1.0) / 2, rel=1e-6)
+
+
+def test_rsl_quality_agreement_weighs_each_slice_by_its_ramped_agreement_with_the_students():
+    """RSL's per-slice weights: the rank weight times (1 - r) + r * q, q = the registered label's Dice with the
+    students' consensus; at the first iteration r = exp(-5) (the registered labels count almost fully)."""
+    torch.manual_seed(1)
+    net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
+    batch = _batch([2.0, 1.0])
+    kwargs = dict(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[batch],
+        epoch_length=1,
+        net_a=net_a,
+        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0),
+        net_b=net_b,
+        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0),
+        supervised_loss=LOSS,
+        consistency_weight=0.3,
+        rsl_weight=0.6,
+        num_iterations=1,  # the ramp is at its end after the first iteration: r = exp(-5 (1 - 0/1)^2)
+    )
+    trainer = CrossTeachingTrainer(rsl_quality="agreement", **kwargs)
+    trainer.run()
+    terms = trainer.state.output["terms"]
+    from scripts.training.semi_supervised_losses import label_agreement
+
+    x = torch.cat([batch["labeled"]["image"], batch["unlabeled"]["image"]])
+    out_a, out_b = net_a(x), net_b(x)
+    r = batch["unlabeled"]["registered_label"]
+    consensus = (torch.softmax(out_a[2:], 1) + torch.softmax(out_b[2:], 1)).argmax(1)
+    q = label_agreement(r, consensus, 3)
+    ramp = math.exp(-5)
+    w = torch.tensor([2.0, 1.0]) * ((1 - ramp) + ramp * q)
+    expected = (w[0] * LOSS(out_a[2:3], r[:1]) + w[1] * LOSS(out_a[3:], r[1:])) / 2
+    assert terms["rsl_a"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["rsl_agreement"].item() == pytest.approx(q.mean().item(), rel=1e-6)
+    # late in training (r = 1) the weight is the agreement itself: a registered label the students contradict
+    # counts for nothing
+    trainer._ramp_now = 1.0
+    weight = trainer._rsl_weight(
+        trainer.prepare_batch(batch, "cpu", False), torch.softmax(out_a[2:], 1), torch.softmax(out_b[2:], 1), {}
+    )
+    torch.testing.assert_close(weight, torch.tensor([2.0, 1.0]) * q)
+    rank = CrossTeachingTrainer(rsl_quality="rank", **kwargs)
+    rank.run()
+    assert "rsl_agreement" not in rank.state.output["terms"]
+    with pytest.raises(ValueError, match="rsl_quality"):
+        CrossTeachingTrainer(rsl_quality="best", **kwargs)
+
+
 def test_config_switches_reach_data_and_trainer(tmp_path):
     data = make_rsl_datalist(tmp_path / "data")
     dl = json.loads(open(data["rsl"]).read())
@@ -149,3 +214,21 @@ def test_default_is_the_measured_best_and_cct_r_keeps_the_paper():
         and paper["rsl_schedule"] == "constant"
     )
     assert paper.get_parsed_content("optimizer_b#lr") == 0.0001
+
+
+def test_rsl_quality_agreement_runs_in_the_default_with_weak_to_strong(tmp_path):
+    # the default's RSL is on the CutMixed strong view: the weights are mixed with the same boxes
+    data = make_rsl_datalist(tmp_path / "data")
+    trainer = run_trainer(
+        tmp_path / "run",
+        ["train.yaml", "variant_no_reps.yaml"],
+        data["rsl"],
+        num_iterations=2,
+        val_interval=2,
+        rsl_quality="agreement",
+        cl_num_anchors=50,
+        cl_num_negatives=50,
+    )
+    terms = trainer.state.output["terms"]
+    assert trainer.rsl_quality == "agreement" and trainer.w2s_weight > 0
+    assert 0.0 <= terms["rsl_agreement"].item() <= 1.0 and torch.isfinite(terms["rsl_a"])

@@ -73,6 +73,7 @@ from scripts.training.semi_supervised_losses import (
     PseudoLabelDiceLoss,
     SelectedSamplesLoss,
     UncertaintyMaskedMSE,
+    label_agreement,
 )
 from scripts.training.weak_to_strong import (
     StrongPerturbation,
@@ -135,6 +136,11 @@ class CrossTeachingTrainer(SupervisedTrainer):
         rsl_schedule: ``"constant"`` (``w_rsl`` throughout) or ``"fade"``: ``w_rsl * (1 - ramp(i))`` with
             the cross-teaching ramp ``exp(-5 (1 - i / N)^2)``: registered labels lead early and hand over
             to the peers' pseudo-labels as the cross-teaching weight rises (``N``: ``num_iterations``).
+        rsl_quality: ``"rank"`` (each registered label weighs its BRS-rank weight, from the registration datalist) or
+            ``"agreement"`` (two students): that weight times ``(1 - ramp(i)) + ramp(i) * q``, where ``q`` is the
+            slice's agreement (mean foreground Dice) between its registered label and the students' consensus (the
+            argmax of their mean probabilities on the weak view) and ``ramp`` is cross teaching's: registered labels
+            count fully at the start and, as the students take over, only as far as the students agree with them.
         w2s_weight: ``w_ws``, weak-to-strong consistency (two students); 0 switches it off.
         w2s_threshold: the peer's top-1 probability a pseudo-label pixel needs.
         w2s_dropout: channel dropout of the feature-perturbed pass.
@@ -182,6 +188,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         affinity: Callable | None = None,
         affinity_weight: float | Callable[[int], float] = 0.0,
         rsl_schedule: str = "constant",
+        rsl_quality: str = "rank",
         w2s_weight: float = 0.0,
         w2s_threshold: float = 0.95,
         w2s_dropout: float = 0.5,
@@ -252,6 +259,14 @@ class CrossTeachingTrainer(SupervisedTrainer):
         if rsl_schedule == "fade" and num_iterations is None:
             raise ValueError("rsl_schedule 'fade' needs num_iterations (or a RampUpWeight consistency_weight)")
         self.rsl_schedule = rsl_schedule
+        if rsl_quality not in ("rank", "agreement"):
+            raise ValueError(f"rsl_quality must be 'rank' or 'agreement', got {rsl_quality!r}")
+        if rsl_quality == "agreement" and consistency not in ("cross_teaching", "cps"):
+            raise ValueError(f"rsl_quality 'agreement' needs two students (cross_teaching or cps), not {consistency!r}")
+        if rsl_quality == "agreement" and num_iterations is None:
+            raise ValueError("rsl_quality 'agreement' needs num_iterations (or a RampUpWeight consistency_weight)")
+        self.rsl_quality = rsl_quality
+        self._ramp_now = 0.0
         self._w_rsl_now = self.rsl_weight
         _check_term(
             "contrastive", contrastive, contrastive_weight, "scripts.contrastive.contrastive_term.ContrastiveTerm"
@@ -341,13 +356,29 @@ class CrossTeachingTrainer(SupervisedTrainer):
         """A training pass of ``network`` on ``x`` (through its captured graph with ``graph_capture``)."""
         return self.inferer(x, self.capture.forward(network))
 
-    def _rsl(self, logits_u: torch.Tensor, batch: SemiSupervisedBatch) -> torch.Tensor:
+    def _rsl(
+        self, logits_u: torch.Tensor, batch: SemiSupervisedBatch, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """RSL on the unlabeled logits; ``weight``: the per-slice weights (default: the batch's BRS-rank weights)."""
         if batch.registered_label is None:
             raise ValueError(
                 "rsl_weight > 0 but the unlabeled batch has no 'registered_label': train on the registration "
                 "step's rsl_datalist.json, with registered_label among the unlabeled transform keys"
             )
-        return self.rsl_loss(logits_u, batch.registered_label, batch.registered_valid, batch.registered_weight)
+        weight = batch.registered_weight if weight is None else weight
+        return self.rsl_loss(logits_u, batch.registered_label, batch.registered_valid, weight)
+
+    def _rsl_weight(
+        self, batch: SemiSupervisedBatch, probs_a: torch.Tensor | None, probs_b: torch.Tensor | None, terms: dict
+    ) -> torch.Tensor | None:
+        """The per-slice RSL weights: the BRS-rank weights, times the ramped agreement with ``rsl_quality agreement``."""
+        if self.rsl_quality != "agreement" or batch.registered_label is None:
+            return batch.registered_weight
+        probs = probs_a + probs_b
+        agreement = label_agreement(batch.registered_label, probs.argmax(1), probs.shape[1])
+        terms["rsl_agreement"] = agreement.mean()
+        factor = (1.0 - self._ramp_now) + self._ramp_now * agreement
+        return factor if batch.registered_weight is None else batch.registered_weight.to(factor.dtype) * factor
 
     def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
@@ -375,20 +406,23 @@ class CrossTeachingTrainer(SupervisedTrainer):
         loss_b = terms["sup_b"] + w * terms["cps_b"]
         loss_a = self._add_affinity(terms, loss_a, out_a, batch, n)
         # each network's probabilities on the unlabeled half, computed once for the terms that use them
-        probs_a = torch.softmax(out_a[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
-        probs_b = torch.softmax(out_b[n:].detach().float(), 1) if (self.contrastive_on or w2s_on) else None
+        need_probs = self.contrastive_on or w2s_on or (self.rsl_weight > 0 and self.rsl_quality == "agreement")
+        probs_a = torch.softmax(out_a[n:].detach().float(), 1) if need_probs else None
+        probs_b = torch.softmax(out_b[n:].detach().float(), 1) if need_probs else None
+        rsl_weight = self._rsl_weight(batch, probs_a, probs_b, terms) if self.rsl_weight > 0 else None
         if self.contrastive_on:
             terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, probs_b, out_b, probs_a, batch)
             loss_a = loss_a + self.contrastive_weight * terms["cl_a"]
             loss_b = loss_b + self.contrastive_weight * terms["cl_b"]
         # last when the views take their own passes: those replace the feature maps the taps above read
         if w2s_on:
-            w2s = self._weak_to_strong(probs_a, probs_b, batch, views)
+            w2s = self._weak_to_strong(probs_a, probs_b, batch, views, rsl_weight)
             terms.update(w2s)
             loss_a = loss_a + self.w2s_weight * 0.5 * (w2s["strong_a"] + w2s["fp_a"])
             loss_b = loss_b + self.w2s_weight * 0.5 * (w2s["strong_b"] + w2s["fp_b"])
         elif self.rsl_weight > 0:
-            terms["rsl_a"], terms["rsl_b"] = self._rsl(out_a[n:], batch), self._rsl(out_b[n:], batch)
+            terms["rsl_a"] = self._rsl(out_a[n:], batch, rsl_weight)
+            terms["rsl_b"] = self._rsl(out_b[n:], batch, rsl_weight)
         if self.rsl_weight > 0:
             loss_a = loss_a + self._w_rsl_now * terms["rsl_a"]
             loss_b = loss_b + self._w_rsl_now * terms["rsl_b"]
@@ -397,7 +431,12 @@ class CrossTeachingTrainer(SupervisedTrainer):
         return loss_a + loss_b, terms
 
     def _weak_to_strong(
-        self, probs_a: torch.Tensor, probs_b: torch.Tensor, batch: SemiSupervisedBatch, views: tuple | None = None
+        self,
+        probs_a: torch.Tensor,
+        probs_b: torch.Tensor,
+        batch: SemiSupervisedBatch,
+        views: tuple | None = None,
+        rsl_weight: torch.Tensor | None = None,
     ) -> dict:
         """Strong-view and feature-perturbed losses of both students (and RSL on the strong view).
 
@@ -428,7 +467,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             if batch.registered_label is None:
                 self._rsl(strong_a, batch)  # raises the missing-registered-label message
             label, valid = view.mix(batch.registered_label), view.mix_valid(batch.registered_valid)
-            weight = view.mix_weight(batch.registered_weight)
+            weight = view.mix_weight(batch.registered_weight if rsl_weight is None else rsl_weight)
             terms["rsl_a"] = self.rsl_loss(strong_a, label, valid, weight)
             terms["rsl_b"] = self.rsl_loss(strong_b, label, valid, weight)
         return terms
@@ -507,6 +546,8 @@ class CrossTeachingTrainer(SupervisedTrainer):
         iteration = engine.state.iteration - 1
         w = engine.w_cps(iteration)
         engine._w_rsl_now = engine.w_rsl(iteration)
+        if engine.num_iterations is not None:
+            engine._ramp_now = sigmoid_ramp_up(iteration, engine.num_iterations)
         engine._w_tac_now = engine.w_tac(iteration)
         engine._unl_now = engine.unlabeled_factor(iteration)
         engine.network.train()

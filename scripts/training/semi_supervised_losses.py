@@ -26,6 +26,7 @@ __all__ = [
     "predictive_entropy",
     "UncertaintyMaskedMSE",
     "SelectedSamplesLoss",
+    "label_agreement",
 ]
 
 
@@ -114,3 +115,20 @@ class SelectedSamplesLoss(nn.Module):
             w = weight.reshape(-1).to(per_sample.dtype) * v
             return torch.where(w > 0, w * per_sample, 0.0).sum() / input.shape[0]
         return torch.where(v > 0, per_sample, 0.0).sum() / v.sum().clamp_min(1.0)
+
+
+def label_agreement(label: torch.Tensor, other: torch.Tensor, num_classes: int, eps: float = 1.0) -> torch.Tensor:
+    """Per-sample agreement of two label maps: the mean over the foreground classes of their Dice, ``(U,)``.
+
+    ``label`` ``(U, 1, H, W)`` or ``(U, H, W)`` (a registered label, any dtype), ``other`` the same shape (e.g. the
+    students' consensus argmax). A class absent from both counts as agreement (``eps`` smooths: a class both leave
+    empty scores 1). Computed on the device with fixed shapes; nothing is read on the host.
+    """
+    u = label.shape[0]
+    a = label.reshape(u, -1).long()
+    b = other.reshape(u, -1).long()
+    classes = torch.arange(1, num_classes, device=a.device)[None, :, None]  # (1, C-1, 1)
+    in_a, in_b = (a[:, None] == classes), (b[:, None] == classes)  # (U, C-1, P)
+    inter = (in_a & in_b).sum(-1).float()
+    total = in_a.sum(-1).float() + in_b.sum(-1).float()
+    return ((2 * inter + eps) / (total + eps)).mean(1)
