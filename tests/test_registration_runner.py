@@ -149,6 +149,9 @@ def test_label_propagation_on_worker_processes_writes_what_one_process_writes(tm
     parser["registration_runner"]["progress"] = False
     runner = parser.get_parsed_content("registration_runner")
     out = Path(runner.run()["output_dir"])
+    from scripts.data.run_folders import _LOCKS
+
+    assert str(out.resolve()) not in _LOCKS  # the folder's lock ends with the registration (a training may follow)
     labels = out / "registered_labels"
     serial = {p.name: np.asarray(nib.load(p).dataobj) for p in labels.glob("*.nii.gz")}
     assert len(serial) == 3

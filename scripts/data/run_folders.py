@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scripts.user_errors import BundleInputError
 
-__all__ = ["OutputFolderError", "OutputsLog", "run_folder", "check_writable", "lock_folder"]
+__all__ = ["OutputFolderError", "OutputsLog", "run_folder", "check_writable", "lock_folder", "release_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +128,16 @@ class OutputsLog:
 _LOCKS: dict[str, object] = {}
 
 
-def lock_folder(folder: str | os.PathLike, what: str = "run") -> str:
-    """Hold an exclusive lock on ``folder`` for the rest of this process (``<folder>/.lock``).
+def lock_folder(folder: str | os.PathLike, what: str = "run", wait: bool = False) -> str:
+    """Hold an exclusive lock on ``folder`` (``<folder>/.lock``) until :func:`release_folder` or the process ends.
 
-    A second run writing into the same folder (the same ``models/`` of two trainings, the same
-    registration folder) is refused at once, naming the process that holds it, instead of both
-    overwriting each other's files. The operating system releases the lock when the process ends,
-    however it ends (a killed run leaves no stale lock).
+    A second run writing into the same folder (the same ``models/`` of two trainings) is refused at once, naming the
+    process that holds it, instead of both overwriting each other's files. With ``wait`` (a registration folder that
+    several trainings share) it waits for the holder instead, saying so once a minute. The operating system releases
+    the lock when the process ends, however it ends (a killed run leaves no stale lock).
 
     Raises:
-        OutputFolderError: another process holds the lock.
+        OutputFolderError: another process holds the lock (and ``wait`` is false).
     """
     import fcntl
 
@@ -146,19 +146,38 @@ def lock_folder(folder: str | os.PathLike, what: str = "run") -> str:
     if key in _LOCKS:
         return key
     handle = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise OutputFolderError(
-            f"{folder}: another {what} ({holder}) is writing here; wait for it to finish, or give this run "
-            "another folder (--bundle_root / --ckpt_dir)"
-        ) from None
+    waited, said = 0.0, -60.0
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                handle.close()
+                raise OutputFolderError(
+                    f"{folder}: another {what} ({holder}) is writing here; wait for it to finish, or give this run "
+                    "another folder (--bundle_root / --ckpt_dir)"
+                ) from None
+            if waited - said >= 60.0:
+                logger.info("%s: waiting for the %s of %s to finish (%.0f s so far)", folder, what, holder, waited)
+                said = waited
+            time.sleep(1.0)
+            waited += 1.0
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     _LOCKS[key] = handle
     return key
+
+
+def release_folder(folder: str | os.PathLike) -> None:
+    """Release the lock :func:`lock_folder` took on ``folder`` (nothing if this process holds none)."""
+    import fcntl
+
+    handle = _LOCKS.pop(str(Path(folder).resolve()), None)
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

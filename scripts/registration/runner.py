@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..data.atomic_io import save_nifti, write_json
 from ..data.datalist import load_datalist, read_datalist
-from ..data.run_folders import lock_folder
+from ..data.run_folders import lock_folder, release_folder
 from ..worker_processes import exit_with_parent
 from .baseline import run_baseline
 from .brs import BestRegistrationSelector, usable
@@ -246,15 +246,28 @@ class RegistrationRunner:
         """The whole pipeline (see the module docstring); returns the summary it writes.
 
         A run whose pairs are all stored and whose outputs were written is not repeated: its summary
-        is returned as it is."""
-        t0 = time.perf_counter()
+        is returned as it is. Trainings that start together on one registration folder take turns: the
+        first registers (holding the folder's lock while it writes, not longer), the others wait for it
+        and then reuse what it wrote."""
         labeled, unlabeled, evaluation = self.entries()
         pairs = plan_pairs(labeled, unlabeled, evaluation, self.reps_partners, self.seed)
         done = self.completed_summary(pairs, bool(evaluation))
-        self.reused = done is not None
-        if done is not None:
-            logger.info("registration: reusing %s (%d pairs, all done)", self.output_dir, len(pairs))
-            return done
+        if done is None:
+            lock_folder(self.output_dir, "registration", wait=True)
+            try:
+                done = self.completed_summary(pairs, bool(evaluation))  # written meanwhile by the one we waited for
+                if done is None:
+                    self.reused = False
+                    return self._run(labeled, unlabeled, evaluation, pairs)
+            finally:
+                release_folder(self.output_dir)
+        self.reused = True
+        logger.info("registration: reusing %s (%d pairs, all done)", self.output_dir, len(pairs))
+        return done
+
+    def _run(self, labeled: list, unlabeled: list, evaluation: list, pairs: list[PairSpec]) -> dict:
+        """Register the pending pairs, select partners, propagate labels, write the datalists and the summary."""
+        t0 = time.perf_counter()
         self.register(pairs)
         t_reg = time.perf_counter() - t0
         store = TransformStore(self.output_dir)
