@@ -586,17 +586,13 @@ class CrossTeachingTrainer(SupervisedTrainer):
         try:
             loss, terms = forward()
         except Exception as err:
-            if not engine.capture.active:
-                raise
-            engine.capture.fall_back(err)
+            engine.capture.fall_back(err)  # raises err again unless the passes were captured
             loss, terms = forward()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         try:
             backward(loss)
         except Exception as err:
-            if not engine.capture.active:
-                raise
-            engine.capture.fall_back(err)
+            engine.capture.fall_back(err)  # raises err again unless the passes were captured
             loss, terms = forward()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             backward(loss)

@@ -120,7 +120,10 @@ class GraphCapture:
         return self._compiled.get(id(network), network)
 
     def fall_back(self, error: BaseException) -> None:
-        """Stop capturing (every network runs eagerly from now on) and log why, once."""
+        """Stop capturing (every network runs eagerly from now on) and log why, once; ``error`` itself is raised
+        again when the passes were not captured (then it is an error of the step, not of the capture)."""
+        if not self.active:
+            raise error
         text = " ".join(str(error).split())  # the compiler's message spans lines (the cause after "raised:")
         self.failure = f"{type(error).__name__}: {text[:300]}"
         self._compiled.clear()
