@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from scripts.data.atomic_io import save_nifti
 from scripts.data.phantom import ensure_phantom_dataset
@@ -21,6 +22,22 @@ FAST = {
     "swin_feature_size": 12,
     "monitor_max_volumes": 2,
 }
+
+
+def slice_batch(seed: int = 0) -> dict:
+    """One semi-supervised loader batch of random 32x32 slices: 2 labeled, 2 unlabeled with registered labels."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "labeled": {
+            "image": torch.rand(2, 1, 32, 32, generator=g),
+            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+        },
+        "unlabeled": {
+            "image": torch.rand(2, 1, 32, 32, generator=g),
+            "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
+            "registered_label_valid": torch.tensor([1.0, 1.0]),
+        },
+    }
 
 
 def make_rsl_datalist(root: Path, n_validation: int = 1) -> dict[str, str]:

@@ -20,23 +20,9 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from scripts.training.cross_teaching import CrossTeachingTrainer
 from scripts.training.graph_capture import GraphCapture, capture_mode
+from tests.cross_teaching_fixtures import slice_batch
 
 torch.set_num_threads(1)
-
-
-def _batch(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "labeled": {
-            "image": torch.rand(2, 1, 32, 32, generator=g),
-            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
-        },
-        "unlabeled": {
-            "image": torch.rand(2, 1, 32, 32, generator=g),
-            "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
-            "registered_label_valid": torch.tensor([1.0, 1.0]),
-        },
-    }
 
 
 def _trainer(iterations: int, capture: bool, backend="aot_eager") -> CrossTeachingTrainer:
@@ -46,7 +32,7 @@ def _trainer(iterations: int, capture: bool, backend="aot_eager") -> CrossTeachi
     return CrossTeachingTrainer(
         device="cpu",
         max_epochs=1,
-        train_data_loader=[_batch(i) for i in range(iterations)],
+        train_data_loader=[slice_batch(i) for i in range(iterations)],
         epoch_length=iterations,
         net_a=net_a,
         optimizer_a=torch.optim.AdamW(net_a.parameters(), lr=1e-2),
@@ -165,6 +151,8 @@ def test_capture_mode_and_the_off_switch():
     net = torch.nn.Linear(2, 2)
     off = GraphCapture([net, None], enabled=False)
     assert off.forward(net) is net and not off.active and off.describe() == "off (eager)"
+    with pytest.raises(ValueError, match="the step's own"):  # nothing captured: the error is the step's, raised
+        off.fall_back(ValueError("the step's own error"))
     on = GraphCapture([net, None], enabled=True, backend="aot_eager")
     assert on.active and on.forward(net) is not net and "aot_eager" in on.describe()
 

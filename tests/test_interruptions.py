@@ -208,17 +208,17 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_one_leaves_no
 def test_a_shared_registration_folder_is_waited_for_and_released_after_the_registration(tmp_path):
     """Trainings that start together on one registration folder: the second waits for the first's registration
     (not for its whole training) instead of failing."""
-    import time
-
     from scripts.data.run_folders import _LOCKS, lock_folder, release_folder
 
+    marker = tmp_path.parent / f"{tmp_path.name}_released"  # the holder touches it just before it releases
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import time; from scripts.data.run_folders import lock_folder, release_folder; "
+            "import pathlib, time; from scripts.data.run_folders import lock_folder, release_folder; "
             f"lock_folder({str(tmp_path)!r}, 'registration'); print('locked', flush=True); time.sleep(2); "
-            f"release_folder({str(tmp_path)!r}); print('released', flush=True); time.sleep(60)",
+            f"pathlib.Path({str(marker)!r}).touch(); release_folder({str(tmp_path)!r}); "
+            "print('released', flush=True); time.sleep(60)",
         ],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
@@ -227,10 +227,9 @@ def test_a_shared_registration_folder_is_waited_for_and_released_after_the_regis
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        start = time.monotonic()
         lock_folder(tmp_path, "registration", wait=True)  # returns once the holder released it, holder still alive
+        assert marker.exists(), "the lock was taken before the holder released it"
         assert holder.stdout.readline().strip() == "released" and holder.poll() is None
-        assert time.monotonic() - start >= 1.0
         release_folder(tmp_path)
         assert str(tmp_path.resolve()) not in _LOCKS
         lock_folder(tmp_path, "registration")  # free again at once

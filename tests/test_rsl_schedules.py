@@ -75,12 +75,9 @@ def _batch(weight=None):
     }
 
 
-@pytest.mark.parametrize("schedule, weight", [("constant", None), ("fade", None), ("constant", [2.0, 0.0])])
-def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
-    torch.manual_seed(1)
-    net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
-    batch = _batch(weight)
-    trainer = CrossTeachingTrainer(
+def _frozen_trainer(batch, net_a: nn.Module, net_b: nn.Module, **settings) -> CrossTeachingTrainer:
+    """Two students that do not move (lr 0): the losses of one iteration can be recomputed from the networks."""
+    return CrossTeachingTrainer(
         device="cpu",
         max_epochs=1,
         train_data_loader=[batch],
@@ -92,9 +89,16 @@ def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
         supervised_loss=LOSS,
         consistency_weight=0.3,
         rsl_weight=0.6,
-        rsl_schedule=schedule,
-        num_iterations=10,
+        **settings,
     )
+
+
+@pytest.mark.parametrize("schedule, weight", [("constant", None), ("fade", None), ("constant", [2.0, 0.0])])
+def test_trainer_scales_rsl_by_schedule_and_reliability(schedule, weight):
+    torch.manual_seed(1)
+    net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
+    batch = _batch(weight)
+    trainer = _frozen_trainer(batch, net_a, net_b, rsl_schedule=schedule, num_iterations=10)
     trainer.run()
     terms = trainer.state.output["terms"]
     w_rsl = 0.6 * (1 - math.exp(-5)) if schedule == "fade" else 0.6
@@ -132,21 +136,8 @@ def test_rsl_quality_agreement_weighs_each_slice_by_its_ramped_agreement_with_th
     torch.manual_seed(1)
     net_a, net_b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 1)
     batch = _batch([2.0, 1.0])
-    kwargs = dict(
-        device="cpu",
-        max_epochs=1,
-        train_data_loader=[batch],
-        epoch_length=1,
-        net_a=net_a,
-        optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0),
-        net_b=net_b,
-        optimizer_b=torch.optim.SGD(net_b.parameters(), lr=0.0),
-        supervised_loss=LOSS,
-        consistency_weight=0.3,
-        rsl_weight=0.6,
-        num_iterations=1,  # the ramp is at its end after the first iteration: r = exp(-5 (1 - 0/1)^2)
-    )
-    trainer = CrossTeachingTrainer(rsl_quality="agreement", **kwargs)
+    # num_iterations 1: the first iteration's ramp is r = exp(-5 (1 - 0/1)^2)
+    trainer = _frozen_trainer(batch, net_a, net_b, num_iterations=1, rsl_quality="agreement")
     trainer.run()
     terms = trainer.state.output["terms"]
     from scripts.training.semi_supervised_losses import label_agreement
@@ -168,11 +159,11 @@ def test_rsl_quality_agreement_weighs_each_slice_by_its_ramped_agreement_with_th
         trainer.prepare_batch(batch, "cpu", False), torch.softmax(out_a[2:], 1), torch.softmax(out_b[2:], 1), {}
     )
     torch.testing.assert_close(weight, torch.tensor([2.0, 1.0]) * q)
-    rank = CrossTeachingTrainer(rsl_quality="rank", **kwargs)
+    rank = _frozen_trainer(batch, net_a, net_b, num_iterations=1, rsl_quality="rank")
     rank.run()
     assert "rsl_agreement" not in rank.state.output["terms"]
     with pytest.raises(ValueError, match="rsl_quality"):
-        CrossTeachingTrainer(rsl_quality="best", **kwargs)
+        _frozen_trainer(batch, net_a, net_b, num_iterations=1, rsl_quality="best")
 
 
 def test_config_switches_reach_data_and_trainer(tmp_path):

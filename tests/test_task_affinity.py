@@ -240,6 +240,17 @@ def test_mean_reduction_scales_r_down_by_the_skip_widths():
     assert r_sum.item() / 16 - 1e-6 <= r_mean.item() <= r_sum.item() / 8 + 1e-6
 
 
+def _assert_best_readings(tac) -> None:
+    """train.yaml's TAC readings: the best of the screen (mean, soft masks, nearest resize; pooled, skip)."""
+    assert (tac.reduction, tac.mask, tac.resize, tac.pairing, tac.absent) == (
+        "mean",
+        "soft",
+        "nearest",
+        "pooled",
+        "skip",
+    )
+
+
 def test_ramp_up_makes_w_tac_follow_the_cross_teaching_ramp(tmp_path, data):
     trainer = run_trainer(
         tmp_path,
@@ -259,14 +270,7 @@ def test_ramp_up_makes_w_tac_follow_the_cross_teaching_ramp(tmp_path, data):
     assert terms["loss_a"].item() == pytest.approx(
         terms["sup_a"].item() + terms["w_tac"].item() * terms["tac_a"].item(), rel=1e-4
     )
-    tac = trainer.affinity  # the overlay's readings (docs/conventions.md)
-    assert (tac.reduction, tac.mask, tac.resize, tac.pairing, tac.absent) == (
-        "mean",
-        "soft",
-        "nearest",
-        "pooled",
-        "skip",
-    )
+    _assert_best_readings(trainer.affinity)  # the overlay's readings (docs/conventions.md)
 
 
 def test_tac_overlay_trains_and_the_plain_inference_command_serves_it(tmp_path, data):
@@ -373,14 +377,7 @@ def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
         val_interval=1,
     )
     assert isinstance(trainer.network, StructureEnhancedUNet) and trainer.affinity_on
-    tac = trainer.affinity  # the same readings as variant_tac.yaml's (train.yaml's), ramped as cross teaching
-    assert (tac.reduction, tac.mask, tac.resize, tac.pairing, tac.absent) == (
-        "mean",
-        "soft",
-        "nearest",
-        "pooled",
-        "skip",
-    )
+    _assert_best_readings(trainer.affinity)  # the same readings as variant_tac.yaml's (train.yaml's)
     assert trainer.w_tac(0) < 0.01 < trainer.w_tac(1)
     terms = trainer.state.output["terms"]
     assert terms["tac_a"].item() > 0 and "rsl_a" in terms and "cps_a" in terms and "tac_b" not in terms

@@ -12,6 +12,7 @@ from monai.networks.nets import BasicUNet
 
 from scripts.training.cross_teaching import CrossTeachingTrainer
 from scripts.training.weak_to_strong import MixedView, StrongPerturbation, confident_cross_entropy, feature_dropout
+from tests.cross_teaching_fixtures import slice_batch
 
 torch.set_num_threads(1)
 
@@ -90,28 +91,13 @@ class _Identity:
         return MixedView(x.clone(), torch.zeros_like(x), torch.arange(x.shape[0]))
 
 
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    return {
-        "labeled": {
-            "image": torch.rand(2, 1, 32, 32, generator=g),
-            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
-        },
-        "unlabeled": {
-            "image": torch.rand(2, 1, 32, 32, generator=g),
-            "registered_label": torch.randint(0, 3, (2, 1, 32, 32), generator=g).float(),
-            "registered_label_valid": torch.tensor([1.0, 1.0]),
-        },
-    }
-
-
 @pytest.mark.parametrize("w2s", [0.0, 0.8])
 def test_trainer_adds_the_weak_to_strong_terms(w2s):
     net_a, net_b = _unet(1).eval(), _unet(2).eval()
     for net in (net_a, net_b):
         net.train = lambda mode=True, net=net: net  # keep eval mode: passes are comparable
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
-    batch = _batch()
+    batch = slice_batch()
     trainer = CrossTeachingTrainer(
         device="cpu",
         max_epochs=1,
@@ -167,7 +153,7 @@ def _w2s_trainer(batched: bool, nets=None, lr: float = 0.1) -> CrossTeachingTrai
     return CrossTeachingTrainer(
         device="cpu",
         max_epochs=1,
-        train_data_loader=[_batch()],
+        train_data_loader=[slice_batch()],
         epoch_length=1,
         net_a=net_a,
         optimizer_a=torch.optim.SGD(net_a.parameters(), lr=lr),
@@ -218,7 +204,7 @@ def test_weak_to_strong_needs_two_students():
         CrossTeachingTrainer(
             device="cpu",
             max_epochs=1,
-            train_data_loader=[_batch()],
+            train_data_loader=[slice_batch()],
             net_a=net,
             net_b=None,
             optimizer_a=torch.optim.SGD(net.parameters(), lr=0.1),
