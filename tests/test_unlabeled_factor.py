@@ -7,7 +7,8 @@ import torch
 from monai.losses import DiceCELoss
 
 from scripts.training.cross_teaching import CrossTeachingTrainer
-from tests.test_weak_to_strong import _batch, _unet
+from tests.cross_teaching_fixtures import slice_batch
+from tests.test_weak_to_strong import _unet
 
 torch.set_num_threads(1)
 
@@ -18,7 +19,7 @@ def _run(iterations: int, **kwargs) -> CrossTeachingTrainer:
     trainer = CrossTeachingTrainer(
         device="cpu",
         max_epochs=1,
-        train_data_loader=[_batch()] * iterations,
+        train_data_loader=[slice_batch()] * iterations,
         epoch_length=iterations,
         net_a=net_a,
         optimizer_a=torch.optim.SGD(net_a.parameters(), lr=0.0),
