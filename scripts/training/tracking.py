@@ -18,13 +18,17 @@ import torch
 __all__ = ["for_trainer", "loss_and_terms", "train_loss"]
 
 
+def _scalar(value) -> float:
+    return float(torch.as_tensor(value).detach())
+
+
 def loss_and_terms(output) -> dict[str, float] | float:
     """The scalars to track from one iteration's engine output."""
     if isinstance(output, Mapping) and "loss" in output:
         terms = output.get("terms") or {}
-        return {"train_loss": float(output["loss"]), **{k: float(v) for k, v in terms.items()}}
+        return {"train_loss": _scalar(output["loss"]), **{k: _scalar(v) for k, v in terms.items()}}
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
-        return float(torch.as_tensor(output[0]["loss"]))
+        return _scalar(output[0]["loss"])
     return output
 
 
