@@ -17,7 +17,7 @@ from scripts.contrastive.contrastive_loss import (
 from scripts.contrastive.feature_taps import FeatureTap, feature_channels
 from scripts.contrastive.mcsc_loss import MultiScaleBalancedContrastiveLoss, balanced_supcon
 from scripts.contrastive.projector import ProjectionHead
-from scripts.training.networks import SwinUNETR2D
+from scripts.training.networks import StructureEnhancedUNet, SwinUNETR2D
 
 torch.set_num_threads(1)
 
@@ -154,6 +154,7 @@ def test_mcsc_flattens_labels_and_features_in_the_same_order():
     [
         (lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(8, 8, 16, 16, 32, 8)), 32),
         (lambda: SwinUNETR2D(1, 4, feature_size=12), 40),
+        (lambda: StructureEnhancedUNet(2, 1, 4, features=(8, 8, 16, 16, 32, 8)), 32),
     ],
 )
 def test_feature_taps_leave_output_and_state_dict_unchanged(make, size):

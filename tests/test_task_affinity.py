@@ -369,9 +369,11 @@ def test_trainer_adds_w_tac_times_r_to_the_supervised_loss_of_one_network():
 
 
 def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
+    # with the default's contrastive term (REPS off: no registration folder here), which taps network A's decoder,
+    # which the enhanced U-Net runs its own way
     trainer = run_trainer(
         tmp_path,
-        ["train.yaml", "variant_no_contrastive.yaml", "variant_with_tac.yaml"],
+        ["train.yaml", "variant_no_reps.yaml", "variant_with_tac.yaml"],
         data["rsl"],
         num_iterations=1,
         val_interval=1,
@@ -381,4 +383,5 @@ def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
     assert trainer.w_tac(0) < 0.01 < trainer.w_tac(1)
     terms = trainer.state.output["terms"]
     assert terms["tac_a"].item() > 0 and "rsl_a" in terms and "cps_a" in terms and "tac_b" not in terms
+    assert terms["cl_a"].item() > 0 and terms["cl_b"].item() > 0
     assert terms["loss_a"].item() > terms["sup_a"].item()

@@ -27,15 +27,17 @@ from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
 from scripts.training.mean_teacher import unwrap
-from scripts.training.networks import SSL4MISUNet, SwinUNETR2D
+from scripts.training.networks import SSL4MISUNet, StructureEnhancedUNet, SwinUNETR2D
 
 __all__ = ["SCALES", "DEFAULT_LAYERS", "FeatureTapError", "FeatureTap", "feature_channels"]
 
 #: Scale name -> downsampling factor of the tapped feature map relative to the input slice.
 SCALES = {"full": 1, "coarse": 8}
 
-#: Network class -> {scale: name of the submodule whose output is tapped}.
+#: Network class -> {scale: name of the submodule whose output is tapped} (the first class the network is an
+#: instance of). The structure-enhanced U-Net calls its decoder blocks' convolutions itself, not the blocks.
 DEFAULT_LAYERS: dict[type, dict[str, str]] = {
+    StructureEnhancedUNet: {"full": "upcat_1.convs", "coarse": "upcat_4.convs"},
     BasicUNet: {"full": "upcat_1", "coarse": "upcat_4"},
     SSL4MISUNet: {"full": "up4", "coarse": "up1"},
     SwinUNETR: {"full": "decoder1", "coarse": "decoder4"},
