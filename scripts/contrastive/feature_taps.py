@@ -7,8 +7,10 @@ output and its ``state_dict`` are untouched, so checkpoints stay loadable by the
 
 Tapped layers (:data:`DEFAULT_LAYERS`):
 
-* ``BasicUNet``: ``upcat_1`` (full resolution, ``features[5]`` channels) and ``upcat_4`` (1/8,
-  ``features[3]`` channels);
+* ``BasicUNet`` (and its subclass :class:`scripts.training.networks.StructureEnhancedUNet`): the convolutions
+  of ``upcat_1`` (full resolution, ``features[5]`` channels) and of ``upcat_4`` (1/8, ``features[3]`` channels),
+  whose output is the block's, whichever forward runs the block (MONAI's, the capture-friendly one, the enhanced
+  U-Net's own);
 * :class:`scripts.training.networks.SSL4MISUNet`: ``up4`` (full, ``features[0]``) and ``up1`` (1/8,
   ``features[3]``);
 * ``SwinUNETR`` / :class:`scripts.training.networks.SwinUNETR2D`: ``decoder1`` (full, ``feature_size``) and
@@ -27,18 +29,16 @@ from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
 from scripts.training.mean_teacher import unwrap
-from scripts.training.networks import SSL4MISUNet, StructureEnhancedUNet, SwinUNETR2D
+from scripts.training.networks import SSL4MISUNet, SwinUNETR2D
 
 __all__ = ["SCALES", "DEFAULT_LAYERS", "FeatureTapError", "FeatureTap", "feature_channels"]
 
 #: Scale name -> downsampling factor of the tapped feature map relative to the input slice.
 SCALES = {"full": 1, "coarse": 8}
 
-#: Network class -> {scale: name of the submodule whose output is tapped} (the first class the network is an
-#: instance of). The structure-enhanced U-Net calls its decoder blocks' convolutions itself, not the blocks.
+#: Network class -> {scale: name of the submodule whose output is tapped}.
 DEFAULT_LAYERS: dict[type, dict[str, str]] = {
-    StructureEnhancedUNet: {"full": "upcat_1.convs", "coarse": "upcat_4.convs"},
-    BasicUNet: {"full": "upcat_1", "coarse": "upcat_4"},
+    BasicUNet: {"full": "upcat_1.convs", "coarse": "upcat_4.convs"},
     SSL4MISUNet: {"full": "up4", "coarse": "up1"},
     SwinUNETR: {"full": "decoder1", "coarse": "decoder4"},
 }
