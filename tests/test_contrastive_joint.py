@@ -1,4 +1,5 @@
-"""CCT-R's joint contrastive space: one SCL over both networks' pixels, one REPS bank for both."""
+"""The joint contrastive space: CCT-R's one SCL over both networks' pixels and one REPS bank for both; MCSC's one loss
+over both networks' pixels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from monai.networks.nets import BasicUNet
 from scripts.contrastive.contrastive_loss import flatten_pixels
 from scripts.contrastive.contrastive_term import ContrastiveTerm, block_labels
 from scripts.contrastive.feature_taps import SCALES
+from scripts.contrastive.mcsc_loss import balanced_supcon
 from scripts.contrastive.memory_bank import SliceFeatureBank, registered_positives
 from scripts.contrastive.registered_correspondence import RegisteredCorrespondence
 from scripts.data.semi_supervised_data import SemiSupervisedBatch
@@ -114,8 +116,59 @@ def test_joint_bank_reads_both_networks_registered_features():
     assert bool(found[0]) and joint[0].tolist() == [2.0, 2.0] and single[0].tolist() == [1.0, 1.0]
 
 
-def test_joint_space_is_refused_for_mcsc_and_ignored_for_one_network():
+def test_joint_space_is_ignored_for_one_network():
     net = BasicUNet(2, 1, 3, features=FEATURES)
-    with pytest.raises(ValueError, match="joint"):
-        ContrastiveTerm(net, 3, BasicUNet(2, 1, 3, features=FEATURES), loss="mcsc", joint=True)
     assert not ContrastiveTerm(net, 3, None, joint=True).joint  # UA-MT: only the student is trained
+    assert not ContrastiveTerm(net, 3, None, loss="mcsc", joint=True).joint
+
+
+def _mcsc_setup(joint: bool):
+    torch.manual_seed(0)
+    net_a, net_b = BasicUNet(2, 1, 3, features=FEATURES), BasicUNet(2, 1, 3, features=FEATURES)
+    term = ContrastiveTerm(net_a, 3, net_b, loss="mcsc", threshold=0.0, mcsc_max_samples=48, joint=joint)
+    _, _, _, batch = _setup(joint)
+    return term, net_a, net_b, batch
+
+
+def test_joint_mcsc_is_one_balanced_loss_over_both_networks_pixels_at_the_same_positions():
+    term, net_a, net_b, batch = _mcsc_setup(joint=True)
+    out_a, out_b, peer_a, peer_b = _forward(net_a, net_b, batch)
+    torch.manual_seed(5)
+    cl_a, cl_b = term.pair(out_a, peer_a, out_b, peer_b, batch)
+    assert cl_a.item() == cl_b.item()  # both networks get the one loss
+
+    torch.manual_seed(5)  # reference: the same draw, dense projection, Eq. 2 over the union of both networks' pixels
+    expected = []
+    for scale in term.scales:
+        labs, confs, flats = [], [], []
+        for which, logits, peer in (("a", out_a, peer_a), ("b", out_b, peer_b)):
+            feats = term.taps[which].features()[scale]
+            labels = torch.cat([batch.label[:, 0].long(), peer.argmax(1)])
+            lab, conf = block_labels(labels, torch.softmax(logits.detach(), 1).max(1).values, SCALES[scale], 3)
+            labs.append(lab[:, : feats.shape[2], : feats.shape[3]])
+            confs.append(conf[:, : feats.shape[2], : feats.shape[3]])
+            flats.append(flatten_pixels(term.projectors[which][scale](feats)))
+        idx, _ = term.loss.draw(labs[0], torch.stack(confs).amax(0))
+        z = torch.cat([flats[0][idx], flats[1][idx]])
+        expected.append(balanced_supcon(z, torch.cat([labs[0].reshape(-1)[idx], labs[1].reshape(-1)[idx]]), 3, 0.1))
+    assert cl_a.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_joint_mcsc_trains_both_networks_and_couples_them():
+    grads_b, coupled = {}, {}
+    for joint in (True, False):
+        term, net_a, net_b, batch = _mcsc_setup(joint)
+        out_a, out_b, peer_a, peer_b = _forward(net_a, net_b, batch)
+        torch.manual_seed(3)
+        cl_a, _ = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        params_b = list(net_b.parameters()) + list(term.projector_parameters("b"))
+        grads = torch.autograd.grad(cl_a, params_b, allow_unused=True, retain_graph=True)
+        grads_b[joint] = any(g is not None and float(g.abs().max()) > 0 for g in grads)
+        with torch.no_grad():  # another B projector: B's embeddings move
+            for p in term.projector_parameters("b"):
+                p.add_(torch.randn_like(p))
+        out_a, out_b, _, _ = _forward(net_a, net_b, batch)
+        torch.manual_seed(3)
+        cl_a2, _ = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        coupled[joint] = cl_a.item() != pytest.approx(cl_a2.item(), rel=1e-6)
+    assert grads_b == {True: True, False: False} and coupled == {True: True, False: False}

@@ -121,6 +121,8 @@ def test_cts_with_mcsc_trains(tmp_path, data):
     )
     terms = parser.get_parsed_content("train#trainer").state.output["terms"]
     assert "rsl_a" not in terms and float(terms["cl_a"]) > 0 and float(terms["cl_b"]) > 0
+    # MCSC's one space: both students get the one loss over their pixels together
+    assert parser.get_parsed_content("contrastive#module").joint and float(terms["cl_a"]) == float(terms["cl_b"])
 
 
 @pytest.mark.parametrize(

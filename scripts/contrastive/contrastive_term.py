@@ -26,7 +26,10 @@ bank that holds both networks' feature maps of each slice. The loss is returned 
 each anchor came from, ``(cl_a, cl_b)`` (per class, the mean over that network's anchors; then the
 mean over classes), so each network's loss gains ``w_cl * cl_x`` as in the per-network mode, and the
 gradient of ``cl_a`` reaches A's features only (keys carry no gradient). ``joint=False`` is the
-per-network mode: a separate loss, space and bank for each network.
+per-network mode: a separate loss, space and bank for each network. With ``loss="mcsc"`` the joint space is
+MCSC's own (its reference code contrasts the CNN's and the Transformer's pixels as two views of one batch): the
+same drawn pixel positions in both networks' maps, one balanced loss over the union, and both networks get that
+one loss (``cl_a == cl_b``; gradients reach both, as the reference adds the one loss to both networks' losses).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ class ContrastiveTerm(nn.Module):
         bank_fraction, bank_max_slices: bank capacity ``min(ceil(fraction * slices), max)``; the
             slices are those of the correspondence's volumes (labeled + unlabeled).
         bank_dtype: ``"float32"`` or ``"float16"``.
-        joint: one contrastive space for both networks (module docstring); only with ``net_b`` and SCL.
+        joint: one contrastive space for both networks (module docstring); only with ``net_b``. SCL splits the
+            loss by the network of each anchor; MCSC gives both networks the one loss over the union.
     """
 
     def __init__(
@@ -117,10 +121,6 @@ class ContrastiveTerm(nn.Module):
         scales = tuple(scales)
         if correspondence is not None and (loss != "scl" or bank_scale not in scales):
             raise ValueError(f"REPS needs loss='scl' and bank_scale ({bank_scale!r}) among scales {list(scales)}")
-        if joint and loss != "scl":
-            raise ValueError(
-                f"the joint contrastive space is implemented for loss='scl', not {loss!r} (set joint: false)"
-            )
         self.num_classes, self.loss_name, self.scales = int(num_classes), loss, scales
         self.joint = bool(joint) and net_b is not None  # one trained network: one space anyway
         nets = {"a": net_a} if net_b is None else {"a": net_a, "b": net_b}
@@ -271,6 +271,25 @@ class ContrastiveTerm(nn.Module):
         out = (scale @ torch.linalg.inv_ex(g).inverse)[:, :2]
         return torch.where(ok[:, None, None], out, float("nan"))
 
+    def _mcsc(self, scale: str, labs: list, confs: list, features: list, projectors: list) -> list[torch.Tensor]:
+        """MCSC's loss of one scale, per source. One source: its drawn pixels. Joint (both networks, as MCSC's
+        reference code, which contrasts the CNN's and the Transformer's pixels as two views of one batch): the same
+        drawn pixel positions in both networks' maps, each network's pixels with its own cross labels, one loss over
+        the union that both networks get (gradients reach both, as in the reference, where the one loss is added to
+        both networks' losses)."""
+        if len(labs) == 1:
+            idx, valid = self.loss.draw(labs[0], confs[0])
+            z = projectors[0][scale].project_vectors(flatten_pixels(features[0][scale])[idx])
+            return [self.loss.on_samples(z, labs[0].reshape(-1)[idx], valid)]
+        idx, drawn = self.loss.draw(labs[0], torch.stack(confs).amax(0))
+        z, lab, valid = [], [], []
+        for k, proj in enumerate(projectors):
+            z.append(proj[scale].project_vectors(flatten_pixels(features[k][scale])[idx]))
+            lab.append(labs[k].reshape(-1)[idx])
+            valid.append(drawn & (confs[k].reshape(-1)[idx] > self.loss.threshold))
+        joint = self.loss.on_samples(torch.cat(z), torch.cat(lab), torch.cat(valid))
+        return [joint] * len(labs)
+
     # ------------------------------------------------------------------ the term
     def forward(
         self, which: str, logits: torch.Tensor, peer_probs: torch.Tensor, batch: SemiSupervisedBatch
@@ -341,9 +360,8 @@ class ContrastiveTerm(nn.Module):
                 labs.append(lab[:, : f.shape[2], : f.shape[3]])
                 confs.append(conf[:, : f.shape[2], : f.shape[3]])
             if self.loss_name == "mcsc":
-                idx, valid = self.loss.draw(labs[0], confs[0])
-                z = projectors[0][scale].project_vectors(flatten_pixels(features[0][scale])[idx])
-                losses[0].append(self.loss.on_samples(z, labs[0].reshape(-1)[idx], valid))
+                for k, loss in enumerate(self._mcsc(scale, labs, confs, features, projectors)):
+                    losses[k].append(loss)
                 continue
             per_source = labs[0].numel()  # pixels per source (flat index k * per_source + pixel)
             samples = self.loss.sample(
