@@ -39,6 +39,29 @@ def _forward(net_a, net_b, batch):
     return out_a, out_b, torch.softmax(out_b[n:].detach(), 1), torch.softmax(out_a[n:].detach(), 1)
 
 
+def _dense_sources(term, batch, sources, scale):
+    """Each source's block labels, block confidences and densely projected pixels at ``scale`` (the reference)."""
+    labs, confs, flats = [], [], []
+    for which, logits, peer in sources:
+        feats = term.taps[which].features()[scale]
+        labels = torch.cat([batch.label[:, 0].long(), peer.argmax(1)])
+        lab, conf = block_labels(labels, torch.softmax(logits.detach(), 1).max(1).values, SCALES[scale], 3)
+        labs.append(lab[:, : feats.shape[2], : feats.shape[3]])
+        confs.append(conf[:, : feats.shape[2], : feats.shape[3]])
+        flats.append(flatten_pixels(term.projectors[which][scale](feats)))
+    return labs, confs, flats
+
+
+def _cl_a_after_moving_b(term, net_a, net_b, batch, peer_a, peer_b):
+    """``cl_a`` again after B's projector moved (B's embeddings change; labels and confidence stay)."""
+    with torch.no_grad():
+        for p in term.projector_parameters("b"):
+            p.add_(torch.randn_like(p))
+    out_a, out_b, _, _ = _forward(net_a, net_b, batch)
+    torch.manual_seed(3)
+    return term.pair(out_a, peer_a, out_b, peer_b, batch)[0]
+
+
 def test_joint_loss_equals_scl_over_the_union_of_both_networks_pixels():
     term, net_a, net_b, batch = _setup(joint=True)
     out_a, out_b, peer_a, peer_b = _forward(net_a, net_b, batch)
@@ -50,14 +73,8 @@ def test_joint_loss_equals_scl_over_the_union_of_both_networks_pixels():
     expected = {"a": [], "b": []}
     sources = [("a", out_a, peer_a), ("b", out_b, peer_b)]
     for scale in term.scales:
-        labs, confs, flats = [], [], []
-        for which, logits, peer in sources:
-            feats = term.taps[which].features()[scale]
-            labels = torch.cat([batch.label[:, 0].long(), peer.argmax(1)])
-            lab, conf = block_labels(labels, torch.softmax(logits.detach(), 1).max(1).values, SCALES[scale], 3)
-            labs.append(lab[:, : feats.shape[2], : feats.shape[3]].reshape(-1))
-            confs.append(conf[:, : feats.shape[2], : feats.shape[3]].reshape(-1))
-            flats.append(flatten_pixels(term.projectors[which][scale](feats)))
+        labs, confs, flats = _dense_sources(term, batch, sources, scale)
+        labs, confs = [x.reshape(-1) for x in labs], [x.reshape(-1) for x in confs]
         samples = term.loss.sample(torch.cat(labs), torch.cat(confs))
         per_anchor = term.loss.anchor_losses(torch.cat(flats), samples)  # (K, N')
         size = labs[0].numel()
@@ -90,12 +107,7 @@ def test_joint_space_aligns_the_networks_and_each_loss_trains_its_own_network():
         assert any(
             g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(cl_b, params_b, allow_unused=True)
         )
-        with torch.no_grad():  # another B projector: B's embeddings move, its labels/confidence do not
-            for p in term.projector_parameters("b"):
-                p.add_(torch.randn_like(p))
-        out_a, out_b, _, _ = _forward(net_a, net_b, batch)
-        torch.manual_seed(3)
-        cl_a2, _ = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        cl_a2 = _cl_a_after_moving_b(term, net_a, net_b, batch, peer_a, peer_b)
         results[joint] = (cl_a.item(), cl_a2.item())
     assert results[True][0] != pytest.approx(results[True][1], rel=1e-4)
     assert results[False][0] == pytest.approx(results[False][1], rel=1e-6)
@@ -140,14 +152,7 @@ def test_joint_mcsc_is_one_balanced_loss_over_both_networks_pixels_at_the_same_p
     torch.manual_seed(5)  # reference: the same draw, dense projection, Eq. 2 over the union of both networks' pixels
     expected = []
     for scale in term.scales:
-        labs, confs, flats = [], [], []
-        for which, logits, peer in (("a", out_a, peer_a), ("b", out_b, peer_b)):
-            feats = term.taps[which].features()[scale]
-            labels = torch.cat([batch.label[:, 0].long(), peer.argmax(1)])
-            lab, conf = block_labels(labels, torch.softmax(logits.detach(), 1).max(1).values, SCALES[scale], 3)
-            labs.append(lab[:, : feats.shape[2], : feats.shape[3]])
-            confs.append(conf[:, : feats.shape[2], : feats.shape[3]])
-            flats.append(flatten_pixels(term.projectors[which][scale](feats)))
+        labs, confs, flats = _dense_sources(term, batch, (("a", out_a, peer_a), ("b", out_b, peer_b)), scale)
         idx, _ = term.loss.draw(labs[0], torch.stack(confs).amax(0))
         z = torch.cat([flats[0][idx], flats[1][idx]])
         expected.append(balanced_supcon(z, torch.cat([labs[0].reshape(-1)[idx], labs[1].reshape(-1)[idx]]), 3, 0.1))
@@ -164,11 +169,6 @@ def test_joint_mcsc_trains_both_networks_and_couples_them():
         params_b = list(net_b.parameters()) + list(term.projector_parameters("b"))
         grads = torch.autograd.grad(cl_a, params_b, allow_unused=True, retain_graph=True)
         grads_b[joint] = any(g is not None and float(g.abs().max()) > 0 for g in grads)
-        with torch.no_grad():  # another B projector: B's embeddings move
-            for p in term.projector_parameters("b"):
-                p.add_(torch.randn_like(p))
-        out_a, out_b, _, _ = _forward(net_a, net_b, batch)
-        torch.manual_seed(3)
-        cl_a2, _ = term.pair(out_a, peer_a, out_b, peer_b, batch)
+        cl_a2 = _cl_a_after_moving_b(term, net_a, net_b, batch, peer_a, peer_b)
         coupled[joint] = cl_a.item() != pytest.approx(cl_a2.item(), rel=1e-6)
     assert grads_b == {True: True, False: False} and coupled == {True: True, False: False}

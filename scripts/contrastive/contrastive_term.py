@@ -272,23 +272,19 @@ class ContrastiveTerm(nn.Module):
         return torch.where(ok[:, None, None], out, float("nan"))
 
     def _mcsc(self, scale: str, labs: list, confs: list, features: list, projectors: list) -> list[torch.Tensor]:
-        """MCSC's loss of one scale, per source. One source: its drawn pixels. Joint (both networks, as MCSC's
-        reference code, which contrasts the CNN's and the Transformer's pixels as two views of one batch): the same
-        drawn pixel positions in both networks' maps, each network's pixels with its own cross labels, one loss over
-        the union that both networks get (gradients reach both, as in the reference, where the one loss is added to
-        both networks' losses)."""
-        if len(labs) == 1:
-            idx, valid = self.loss.draw(labs[0], confs[0])
-            z = projectors[0][scale].project_vectors(flatten_pixels(features[0][scale])[idx])
-            return [self.loss.on_samples(z, labs[0].reshape(-1)[idx], valid)]
+        """MCSC's loss of one scale, per source: one loss over the same drawn pixel positions of every source's map,
+        each source's pixels with its own cross labels. One source: its drawn pixels. Joint (both networks, as MCSC's
+        reference code, which contrasts the CNN's and the Transformer's pixels as two views of one batch): the loss
+        over the union, which both networks get (gradients reach both, as in the reference, where the one loss is
+        added to both networks' losses)."""
         idx, drawn = self.loss.draw(labs[0], torch.stack(confs).amax(0))
         z, lab, valid = [], [], []
         for k, proj in enumerate(projectors):
             z.append(proj[scale].project_vectors(flatten_pixels(features[k][scale])[idx]))
             lab.append(labs[k].reshape(-1)[idx])
             valid.append(drawn & (confs[k].reshape(-1)[idx] > self.loss.threshold))
-        joint = self.loss.on_samples(torch.cat(z), torch.cat(lab), torch.cat(valid))
-        return [joint] * len(labs)
+        loss = self.loss.on_samples(torch.cat(z), torch.cat(lab), torch.cat(valid))
+        return [loss] * len(labs)
 
     # ------------------------------------------------------------------ the term
     def forward(

@@ -23,21 +23,23 @@ from torch import nn
 
 from scripts.contrastive.contrastive_loss import flatten_pixels
 
-__all__ = ["balanced_supcon", "balanced_supcon_per_sample", "MultiScaleBalancedContrastiveLoss"]
+__all__ = ["balanced_supcon", "MultiScaleBalancedContrastiveLoss"]
 
 
-def balanced_supcon_per_sample(
+def balanced_supcon(
     z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2's per-sample terms ``(n,)`` on ``(n, D)`` embeddings and ``(n,)`` integer labels, and which samples count
-    (valid, with at least one positive). Vectorised (``n x n``); masks instead of indexing, nothing read on the host.
+) -> torch.Tensor:
+    """Eq. 2 on ``(n, D)`` embeddings and ``(n,)`` integer labels (vectorised, ``n x n``).
 
-    ``valid`` ``(n,)``: samples that take part (the others are padding of a fixed-size draw).
+    ``valid`` ``(n,)``: samples that take part (the others are padding of a fixed-size draw); masks
+    instead of indexing, so nothing is read on the host.
     """
     n = z.shape[0]
     labels = labels.reshape(-1).long()
     if labels.numel() != n:
         raise ValueError(f"balanced_supcon: {labels.numel()} labels for {n} samples")
+    if n < 2:
+        return z.sum() * 0.0
     valid = torch.ones(n, dtype=torch.bool, device=z.device) if valid is None else valid.reshape(-1).to(z.device)
     logits = z @ z.T / temperature
     pair = ~torch.eye(n, dtype=torch.bool, device=z.device) & valid[None, :] & valid[:, None]
@@ -56,18 +58,7 @@ def balanced_supcon_per_sample(
     log_prob = logits - torch.log(denom.clamp_min(torch.finfo(z.dtype).tiny))[:, None]
     per_sample = -(log_prob * positive).sum(1) / n_pos.clamp_min(1)
     keep = (n_pos > 0) & valid
-    return torch.where(keep, per_sample, 0.0), keep
-
-
-def balanced_supcon(
-    z: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.1, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Eq. 2 on ``(n, D)`` embeddings and ``(n,)`` integer labels: the mean of
-    :func:`balanced_supcon_per_sample` over the samples that count."""
-    if z.shape[0] < 2:
-        return z.sum() * 0.0
-    per_sample, keep = balanced_supcon_per_sample(z, labels, num_classes, temperature, valid)
-    return per_sample.sum() / keep.sum().clamp_min(1) + 0.0 * z.sum()
+    return torch.where(keep, per_sample, 0.0).sum() / keep.sum().clamp_min(1) + 0.0 * z.sum()
 
 
 class MultiScaleBalancedContrastiveLoss(nn.Module):
