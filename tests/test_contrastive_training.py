@@ -75,6 +75,7 @@ def test_cct_r_with_scl_and_reps_trains_and_keeps_the_model_loadable(tmp_path, d
         ["train.yaml"],
         data["rsl"],
         registration_dir=data["registration"],
+        rsl_weight=1.0,  # off in the default since 0.8.0; on here, with every other term
         cl_num_anchors=50,
         cl_num_negatives=50,
     )
@@ -187,6 +188,7 @@ def test_amp_path_runs_on_cpu_in_bfloat16(tmp_path, data):
             "registration_dir": data["registration"],
             "cl_num_anchors": 50,
             "cl_num_negatives": 50,
+            "rsl_weight": 1.0,  # every loss term, RSL included (off in the default since 0.8.0)
             "amp": True,
         }
     )

@@ -67,6 +67,8 @@ def _parser(datalist: Path, *extra: str) -> ConfigParser:
     parser.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", *extra)])
     parser["datalist_file"] = str(datalist)
     parser["use_reps"] = False  # a hand-made registered datalist: no registration transforms for REPS
+    if not extra:  # the default with CCT-R's RSL (off since 0.8.0): registered labels in the unlabeled batches
+        parser["rsl_weight"] = 1.0
     parser["patch_size"] = [48, 48]
     parser["device_sampling"] = False  # the MONAI per-slice chain (tests/test_device_slices.py: the device sampler)
     return parser

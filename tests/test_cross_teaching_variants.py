@@ -155,9 +155,9 @@ REGISTRATION_FAST = [
 @pytest.mark.parametrize(
     "overlay, variant, random_partner",
     [
-        ([], "cct_r", False),  # the default: registration inside training, RSL + SCL + REPS
+        ([], "cct_r", False),  # the default: registration inside training (for REPS), SCL + REPS
         (["variant_cct_r.yaml"], "cct_r", False),  # the paper's settings pinned
-        (["variant_no_reps.yaml"], "cct_r_no_reps", False),
+        (["variant_no_reps.yaml"], "cct_r_no_reps", False),  # neither RSL nor REPS: no registration
         (["variant_no_brs.yaml"], "cct_r_no_brs", True),
         (["variant_mcsc.yaml"], "mcsc", False),
         (["variant_ssl4mis_unet.yaml"], "cct_r", False),  # the papers' U-Net as network A
@@ -169,7 +169,7 @@ def test_registration_variants_train_from_a_plain_datalist(tmp_path, data, overl
     terms = _state(tmp_path)
     assert terms["trainer"]["iteration"] == 2
     folders = list((tmp_path / "registration").glob("*")) if (tmp_path / "registration").exists() else []
-    assert len(folders) == (0 if variant == "mcsc" else 1)
+    assert len(folders) == (0 if variant in ("mcsc", "cct_r_no_reps") else 1)
     if folders:
         assert (folders[0] / ("rsl_datalist_random.json" if random_partner else "rsl_datalist.json")).exists()
     assert "contrastive" in terms  # SCL / MCSC projector heads are checkpointed

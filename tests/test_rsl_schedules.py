@@ -188,19 +188,23 @@ def test_config_switches_reach_data_and_trainer(tmp_path):
 
 
 def test_default_is_the_measured_best_and_cct_r_keeps_the_paper():
-    """train.yaml: RSL weighted by BRS rank and the Transformer at the U-Net's rate (docs/results.md, full budget);
-    variant_cct_r.yaml keeps the paper's equal weights and 1e-4."""
+    """train.yaml: no RSL (0.8.0: 77.2 against 73.6 at 7 labeled patients, docs/results.md issue 35), its switches
+    kept at their measured best for a run that turns it on, and the Transformer at the U-Net's rate;
+    variant_cct_r.yaml keeps the paper's RSL with equal weights and 1e-4."""
     from monai.bundle import ConfigParser
 
     from tests.cross_teaching_fixtures import ROOT
 
     default = ConfigParser()
     default.read_config(str(ROOT / "configs" / "train.yaml"))
+    assert default["rsl_weight"] == 0.0 and default.get_parsed_content("use_rsl") is False
     assert default["rsl_reliability"] == "rank" and default["learning_rate_b"] == default["learning_rate"] == 0.0005
     paper = ConfigParser()
     paper.read_config([str(ROOT / "configs" / f) for f in ("train.yaml", "variant_cct_r.yaml")])
     assert (
-        paper["rsl_reliability"] == "none"
+        paper["rsl_weight"] == 1.0
+        and paper.get_parsed_content("use_rsl") is True
+        and paper["rsl_reliability"] == "none"
         and paper["learning_rate_b"] == 0.0001
         and paper["rsl_schedule"] == "constant"
     )
@@ -217,6 +221,7 @@ def test_rsl_quality_agreement_runs_in_the_default_with_weak_to_strong(tmp_path)
         num_iterations=2,
         val_interval=2,
         rsl_quality="agreement",
+        rsl_weight=1.0,  # off in the default since 0.8.0
         cl_num_anchors=50,
         cl_num_negatives=50,
     )

@@ -377,6 +377,7 @@ def test_with_tac_overlay_adds_the_term_to_network_a_of_cct_r(tmp_path, data):
         data["rsl"],
         num_iterations=1,
         val_interval=1,
+        rsl_weight=1.0,  # CCT-R's RSL (off in the default since 0.8.0)
     )
     assert isinstance(trainer.network, StructureEnhancedUNet) and trainer.affinity_on
     _assert_best_readings(trainer.affinity)  # the same readings as variant_tac.yaml's (train.yaml's)
