@@ -17,9 +17,12 @@ variant (a config switch screened without a new overlay). Presets (``--preset``)
 * ``screen``: patch 128, batch 8, 600 iterations, validation every 200;
 * ``full``: patch 128, batch 8, 1,200 iterations, validation every 300 (the CPU budget of the results).
 
-Two-network models are also evaluated with each network alone (``--branch a`` / ``b``), in a second table,
+Every evaluation scores the raw argmax (``--largest_component false``: comparable with the runs of bundles
+before 0.9.0), and each model once more with the largest 3D connected piece of each class kept, as inference
+does by default since 0.9.0 (``--largest_component true``; ``--no_largest_component`` skips it), in a table of
+its own. Two-network models are also evaluated with each network alone (``--branch a`` / ``b``), in another,
 and every model trained with mirror flips once more with mirror test-time augmentation (``--flip_tta true``;
-``--no_flip_tta`` skips it), in a third; finished runs without that number get it on the next call.
+``--no_flip_tta`` skips it), in a third; finished runs without such a number get it on the next call.
 
 Example (2 seeds, two runs side by side with one thread each)::
 
@@ -121,11 +124,23 @@ def train_command(run: Run, datalist: str, dataset: str | None) -> list[str]:
 
 
 def evaluate_command(
-    run: Run, datalist: str, section: str, branch: str | None = None, flip_tta: bool = False
+    run: Run,
+    datalist: str,
+    section: str,
+    branch: str | None = None,
+    flip_tta: bool = False,
+    largest_component: bool = False,
 ) -> list[str]:
     """Evaluate the run's best checkpoint; ``branch`` ``a`` / ``b``: one network of a two-network model alone;
-    ``flip_tta``: the model with mirror test-time augmentation (``configs/inference.yaml`` ``flip_tta``)."""
-    folder = f"evaluation_{section}" + (f"_{branch}" if branch else "") + ("_tta" if flip_tta else "")
+    ``flip_tta``: the model with mirror test-time augmentation (``configs/inference.yaml`` ``flip_tta``);
+    ``largest_component``: the largest 3D piece of each class kept (otherwise the raw argmax, whatever the model's
+    own setting)."""
+    folder = (
+        f"evaluation_{section}"
+        + (f"_{branch}" if branch else "")
+        + ("_tta" if flip_tta else "")
+        + ("_lcc" if largest_component else "")
+    )
     return (
         [
             sys.executable,
@@ -144,6 +159,7 @@ def evaluate_command(
             "--output_dir",
             str(run.folder / "eval" / folder),
         ]
+        + ["--largest_component", "true" if largest_component else "false"]
         + (["--branch", branch] if branch else [])
         + (["--flip_tta", "true"] if flip_tta else [])
     )
@@ -157,21 +173,34 @@ def mirror_trained(run: Run) -> bool:
     return model_config.exists() and trained_with_flips(json.loads(model_config.read_text()))
 
 
+def _evaluate_once_more(run: Run, section: str, what: str, **kwargs) -> dict:
+    """Evaluate a finished run's model once more (``evaluate_command``'s ``kwargs``); its summary."""
+    result = json.loads(run.result_path.read_text())
+    command = evaluate_command(run, result["datalist"], section, **kwargs)
+    with open(run.folder / "train.log", "a") as log:
+        if subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{run.name}: evaluation {what} failed, see {run.folder / 'train.log'}")
+    return read_summary(Path(command[command.index("--output_dir") + 1]) / "metrics_summary.csv")
+
+
 def add_tta(run: Run, section: str) -> dict:
     """Evaluate a finished run's model with mirror TTA (once) and record its mean Dice in ``result.json``."""
     result = json.loads(run.result_path.read_text())
     if "tta_dice" in result or not mirror_trained(run):
         return result
-    with open(run.folder / "train.log", "a") as log:
-        if subprocess.run(
-            evaluate_command(run, result["datalist"], section, flip_tta=True),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        ).returncode:
-            raise RuntimeError(f"{run.name}: evaluation with flip TTA failed, see {run.folder / 'train.log'}")
-    tta = read_summary(run.folder / "eval" / f"evaluation_{section}_tta" / "metrics_summary.csv")
+    tta = _evaluate_once_more(run, section, "with flip TTA", flip_tta=True)
     result["tta_dice"] = {c: m["dice"] for c, m in tta.items()}
+    write_json(run.result_path, result)
+    return result
+
+
+def add_largest_component(run: Run, section: str) -> dict:
+    """Evaluate a finished run's model with the largest piece of each class kept (once); record its metrics
+    (Dice and HD95 per class) in ``result.json`` as ``lcc_metrics``."""
+    result = json.loads(run.result_path.read_text())
+    if "lcc_metrics" in result:
+        return result
+    result["lcc_metrics"] = _evaluate_once_more(run, section, "with the largest component", largest_component=True)
     write_json(run.result_path, result)
     return result
 
@@ -327,6 +356,31 @@ def table(
                 }
                 cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
             lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
+    lcc_rows = [r for r in results if r.get("lcc_metrics")]
+    if lcc_rows:
+        lines += [
+            "",
+            "With the largest 3D connected piece of each class kept (`--largest_component true` at evaluation, "
+            "inference's default since 0.9.0; the same checkpoints). Dice, then the mean HD95 in mm:",
+            "",
+            "| variant | seeds | " + " | ".join(classes) + " | mean HD95 mm |",
+            "|---|---|" + "---:|" * (len(classes) + 1),
+        ]
+        for v in order:
+            rs = sorted((r for r in lcc_rows if r["variant"] == v), key=lambda r: (str(r.get("split")), r["seed"]))
+            if not rs:
+                continue
+            cells = []
+            for c, metric, scale in [(c, "dice", 100) for c in classes] + [("mean", "hd95_mm", 1)]:
+                vals = [scale * r["lcc_metrics"][c][metric] for r in rs]
+                key = f"lcc_{c}" if metric == "dice" else "lcc_hd95_mm"
+                summary.setdefault(v, {})[key] = {
+                    "mean": statistics.fmean(vals),
+                    "std": statistics.pstdev(vals),
+                    "n": len(vals),
+                }
+                cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
+            lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     branch_rows = [r for r in results if r.get("branch_dice")]
     if branch_rows:
         lines += [
@@ -398,6 +452,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="skip the extra evaluation with mirror test-time augmentation (models trained with flips)",
     )
+    ap.add_argument(
+        "--no_largest_component",
+        action="store_true",
+        help="skip the extra evaluation with the largest connected piece of each class kept",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if bool(args.datalist) == bool(args.acdc_root):
@@ -452,18 +511,21 @@ def main(argv: list[str] | None = None) -> None:
                 execute(run, args.dataset, args.section)
             if not args.no_flip_tta and run.result_path.exists():
                 add_tta(run, args.section)
+            if not args.no_largest_component and run.result_path.exists():
+                add_largest_component(run, args.section)
             print(f"protocol: {run.name} done", flush=True)
         except RuntimeError as exc:
             failures.append(str(exc))
             print(f"protocol: {exc}", flush=True)
         refresh()
 
-    if not args.no_flip_tta:  # finished runs evaluated before the TTA column existed get it too
-        todo = [
-            r
-            for r in runs
-            if r not in todo and "tta_dice" not in json.loads(r.result_path.read_text()) and mirror_trained(r)
-        ] + todo
+    def lacks_an_evaluation(run: Run) -> bool:  # finished runs evaluated before a column existed get it too
+        result = json.loads(run.result_path.read_text())
+        return (not args.no_flip_tta and "tta_dice" not in result and mirror_trained(run)) or (
+            not args.no_largest_component and "lcc_metrics" not in result
+        )
+
+    todo = [r for r in runs if r not in todo and lacks_an_evaluation(r)] + todo
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         list(pool.map(one, todo))
     if failures:

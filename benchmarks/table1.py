@@ -2,8 +2,10 @@
 
 Each ``--table COUNT:PATH`` is a ``table.json`` written by ``benchmarks/protocol.py`` for one labeled count;
 its runs are grouped by variant, and Dice and HD95 (mm) per class and their mean are given as mean +- std over
-the seeds (population std, as the runner's). A variant found in several tables of the same count is taken from
-the last one given (pass the newest measurement last); ``--rename old=new`` shows a variant under another name,
+the seeds (population std, as the runner's), and, where every run of a cell has it (``lcc_metrics``, the
+runner's evaluation with the largest 3D piece of each class kept), that mean Dice and mean HD95. A variant found
+in several tables of the same count is taken from the last one given (pass the newest measurement last);
+``--rename old=new`` shows a variant under another name,
 ``--only`` keeps the listed variants (in that order). ``--paper`` is a JSON file ``{count: {variant: mean Dice}}``
 with the paper's numbers to print beside ours (missing: blank); ``--missing COUNT:VARIANT=reason`` adds a row
 that says why a cell is not measured::
@@ -50,13 +52,21 @@ def row(variant: str, cell: dict, paper: float | None) -> str:
     mean = f"**{dice['mean'][0]:.1f} +- {dice['mean'][1]:.1f}**"
     hds = " | ".join(f"{hd[c][0]:.1f}" for c in CLASSES[:3]) + f" | {hd['mean'][0]:.1f} +- {hd['mean'][1]:.1f}"
     paper_cell = "" if paper is None else f"{paper:.1f}"
-    return f"| `{variant}` | {fmt} | {mean} | {hds} | {seeds} | {paper_cell} | {cell['source']} |"
+    lcc = ""  # the same checkpoints with the largest piece of each class kept (inference's default since 0.9.0)
+    if all("lcc_metrics" in r for r in runs):
+        lcc_dice = _stats([100 * r["lcc_metrics"]["mean"]["dice"] for r in runs])
+        lcc_hd = _stats([r["lcc_metrics"]["mean"]["hd95_mm"] for r in runs])
+        lcc = f"{lcc_dice[0]:.1f} +- {lcc_dice[1]:.1f} / {lcc_hd[0]:.1f}"
+    return f"| `{variant}` | {fmt} | {mean} | {hds} | {lcc} | {seeds} | {paper_cell} | {cell['source']} |"
 
 
 def render(cells, paper: dict, only: list[str] | None, missing: dict[tuple[int, str], str]) -> str:
     head = (
         "| method | RV Dice | myocardium Dice | LV Dice | **mean Dice** | RV HD95 | myocardium HD95 | LV HD95 | "
-        "mean HD95 (mm) | seeds | paper (mean Dice) | from |\n" + "|---|" + "---:|" * 8 + "---|---:|---|"
+        "mean HD95 (mm) | largest component: mean Dice / HD95 | seeds | paper (mean Dice) | from |\n"
+        + "|---|"
+        + "---:|" * 9
+        + "---|---:|---|"
     )
     out = []
     for count in sorted(set(cells) | {c for c, _ in missing}):
@@ -71,7 +81,7 @@ def render(cells, paper: dict, only: list[str] | None, missing: dict[tuple[int, 
             else:
                 reason = missing.get((count, name), "not measured")
                 ref_cell = "" if ref is None else f"{ref:.1f}"
-                lines.append("| " + " | ".join([f"`{name}`", reason] + [""] * 8 + [ref_cell, ""]) + " |")
+                lines.append("| " + " | ".join([f"`{name}`", reason] + [""] * 9 + [ref_cell, ""]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from scripts.data.phantom import ensure_phantom_dataset
 
@@ -510,3 +511,31 @@ def test_weights_without_their_description_are_refused(tmp_path, trained):
         )
     )
     assert (tmp_path / "out" / "case_seg.nii.gz").exists()
+
+
+def test_inference_keeps_the_largest_piece_of_each_class_unless_asked_not_to(tmp_path, trained):
+    assert json.loads((trained / "models" / "model_config.json").read_text())["largest_component"] is True
+    outputs = {}
+    for name, extra in (("default", []), ("raw", ["--largest_component", "false"])):
+        ok(
+            bundle(
+                "run",
+                "inference",
+                "--config_file",
+                "configs/inference.yaml",
+                "--bundle_root",
+                str(trained),
+                "--output_dir",
+                str(tmp_path / name),
+                *extra,
+            )
+        )
+        outputs[name] = {
+            p.name: np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / name).glob("*_seg.nii.gz"))
+        }
+    assert outputs["default"] and outputs["default"].keys() == outputs["raw"].keys()
+    for case, kept in outputs["default"].items():
+        raw = outputs["raw"][case]
+        for c in (1, 2, 3):
+            assert ndimage.label(kept == c, structure=np.ones((3, 3, 3)))[1] <= 1, (case, c)
+            assert not ((kept == c) & (raw != c)).any(), (case, c)  # only removes voxels of a class

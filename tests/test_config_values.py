@@ -113,6 +113,11 @@ def _boolean_switches() -> set[str]:
     return keys - {"is_main_process"}  # computed from the process rank, never given on the command line
 
 
+# what may stand before a switch: flag() itself, or a function that reads its argument through flag()
+# (model_config.largest_component: tests/test_largest_component.py checks it does)
+READERS = ("flag(", "model_config.largest_component(@model_config, ")
+
+
 def test_every_boolean_switch_is_read_through_flag():
     """A bare `@switch` would take the command line's 'false' as true: every use must go through flag()."""
     import re
@@ -123,7 +128,7 @@ def test_every_boolean_switch_is_read_through_flag():
     for path in (ROOT / "configs").rglob("*.yaml"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             for m in re.finditer(r"@(\w+)\b", line):
-                if m.group(1) in switches and not line[: m.start()].endswith("flag("):
+                if m.group(1) in switches and not line[: m.start()].endswith(READERS):
                     bare.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bare, "switches read without scripts.config_values.flag:\n" + "\n".join(bare)
 

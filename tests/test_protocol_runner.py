@@ -96,10 +96,17 @@ def test_one_tiny_run_end_to_end_then_resume_skips_it(tmp_path, monkeypatch):
     # the same model evaluated with mirror TTA (the phantom model was trained with flips)
     assert json.loads((out / "ls_s7" / "models" / "model_config.json").read_text())["flip_augmentation"] is True
     assert set(result["tta_dice"]) >= {"RV", "mean"} and 0.0 <= result["tta_dice"]["mean"] <= 1.0
-    assert "With mirror test-time augmentation" in table and table.count("| ls | 7 |") == 2
+    assert "With mirror test-time augmentation" in table
+    # the main numbers are the raw argmax (evaluate_command's test); the largest-component evaluation has its
+    # own folder and table
+    lcc = result["lcc_metrics"]
+    assert set(lcc) >= {"RV", "mean"} and 0.0 <= lcc["mean"]["dice"] <= 1.0 and lcc["mean"]["hd95_mm"] >= 0.0
+    assert (out / "ls_s7" / "eval" / "evaluation_validation_lcc" / "metrics_per_case.csv").is_file()
+    assert "With the largest 3D connected piece" in table and table.count("| ls | 7 |") == 3
     calls = []
     monkeypatch.setattr(protocol, "execute", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(protocol, "add_tta", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(protocol, "add_largest_component", lambda *a, **k: calls.append(a))
     protocol.main(args)  # everything done: nothing runs again
     assert calls == []
 
@@ -183,7 +190,27 @@ def test_evaluate_command_selects_the_branch(tmp_path):
     cmd = protocol.evaluate_command(run, "dl.json", "validation", "b")
     assert cmd[-2:] == ["--branch", "b"] and cmd[cmd.index("--output_dir") + 1].endswith("evaluation_validation_b")
     assert "--branch" not in protocol.evaluate_command(run, "dl.json", "validation")
+    raw = protocol.evaluate_command(run, "dl.json", "validation")
+    assert raw[raw.index("--largest_component") + 1] == "false"  # whatever the model's own setting
+    lcc = protocol.evaluate_command(run, "dl.json", "validation", largest_component=True)
+    assert lcc[lcc.index("--largest_component") + 1] == "true"
+    assert lcc[lcc.index("--output_dir") + 1].endswith("evaluation_validation_lcc")
     tta = protocol.evaluate_command(run, "dl.json", "validation", flip_tta=True)
     assert tta[-2:] == ["--flip_tta", "true"] and tta[tta.index("--output_dir") + 1].endswith(
         "evaluation_validation_tta"
     )
+
+
+def test_table_reports_the_largest_component_evaluation_with_its_hd95():
+    r1 = dict(
+        _result("cct-r", 1, 0.5, 0.7),
+        lcc_metrics={"RV": {"dice": 0.6}, "LV": {"dice": 0.8}, "mean": {"dice": 0.7, "hd95_mm": 4.0}},
+    )
+    r2 = dict(
+        _result("cct-r", 2, 0.5, 0.7),
+        lcc_metrics={"RV": {"dice": 0.4}, "LV": {"dice": 0.8}, "mean": {"dice": 0.6, "hd95_mm": 6.0}},
+    )
+    md, js = protocol.table([r1, r2], [protocol.Run("cct-r", [], 1, Path("x"))], "full", "validation")
+    assert "| cct-r | 1, 2 | 50.0 +- 10.0 | 80.0 +- 0.0 | 65.0 +- 5.0 | 5.0 +- 1.0 |" in md.split("largest 3D")[1]
+    assert js["summary"]["cct-r"]["lcc_mean"]["mean"] == pytest.approx(65.0)
+    assert js["summary"]["cct-r"]["lcc_hd95_mm"]["std"] == pytest.approx(1.0)

@@ -56,3 +56,18 @@ def test_a_table_that_is_not_there_is_named(tmp_path):
         table1.main(["--table", f"1:{tmp_path / 'nothere.json'}"])
     with pytest.raises(SystemExit, match="not COUNT"):
         table1.main(["--table", "table.json"])
+
+
+def test_the_largest_component_column_needs_every_run_of_the_cell(tmp_path):
+    both = [
+        _run("ls", s, 0.5, 10.0) | {"lcc_metrics": {"mean": {"dice": d, "hd95_mm": h}}}
+        for s, d, h in ((1, 0.6, 4.0), (2, 0.8, 6.0))
+    ]
+    one = [
+        _run("cps", 1, 0.5, 10.0) | {"lcc_metrics": {"mean": {"dice": 0.9, "hd95_mm": 1.0}}},
+        _run("cps", 2, 0.5, 10.0),
+    ]
+    text = table1.main(["--table", f"3:{_table(tmp_path / 't.json', both + one)}"])
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    assert "| 70.0 +- 10.0 / 5.0 |" in rows["`ls`"]
+    assert "/" not in rows["`cps`"].split("|")[9]  # one run without it: no cell rather than a one-seed number

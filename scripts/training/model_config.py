@@ -14,7 +14,8 @@ it, so ``run inference --input_dir DIR`` needs no flag that repeats the training
       "patch_size": [96, 96], "slice_axis": "auto",
       "class_names": ["background", "RV", "myocardium", "LV"],
       "intensity": {"type": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
-      "label_mapping": null
+      "label_mapping": null,
+      "largest_component": true              # inference keeps the largest 3D piece of each class
     }
 
 A *spec* is a plain dict: ``type`` (a MONAI name such as ``BasicUNet`` or a dotted path, as a bundle
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.config_values import flag, optional
 from scripts.data.atomic_io import write_json
 from scripts.user_errors import BundleInputError
 
@@ -45,6 +47,7 @@ __all__ = [
     "build_model",
     "checked_patch_size",
     "checked_flip_tta",
+    "largest_component",
     "trained_with_flips",
     "read_model_config",
     "write_model_config",
@@ -128,6 +131,18 @@ def checked_flip_tta(config: Mapping[str, Any], requested: bool) -> bool:
             "e.g. abdominal CT, where a mirror image swaps left and right organs); leave --flip_tta unset"
         )
     return bool(requested)
+
+
+def largest_component(config: Mapping[str, Any], requested: Any = None) -> bool:
+    """Whether inference keeps only the largest 3D connected piece of each class.
+
+    ``requested`` (``--largest_component true|false``) wins; ``None`` / ``null``: the model's own setting,
+    ``largest_component`` in ``model_config.json`` (written since 0.9.0; a description without it was
+    written by a bundle that did not post-process, so ``False``)."""
+    requested = optional(requested)
+    if requested is None:
+        return bool(config.get("largest_component", False))
+    return flag(requested, "largest_component")
 
 
 def write_model_config(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
