@@ -207,3 +207,34 @@ def test_amp_path_runs_on_cpu_in_bfloat16(tmp_path, data):
     assert {"sup_a", "cps_b", "rsl_a", "cl_a", "cl_b"} <= set(terms)
     assert all(np.isfinite(float(v)) for v in terms.values()) and float(terms["cl_b"]) > 0
     assert len(parser.get_parsed_content("contrastive#module").banks["joint"]) > 0
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_ls_trains_in_the_precision_of_the_other_variants_on_cpu(tmp_path, data, amp):
+    """MONAI's SupervisedTrainer (``ls``) autocasts on CUDA only: its training forward gets bfloat16 on a CPU
+    from the config's inferer when amp is on, float32 when off; the logits reach the loss as float32."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.yaml"), str(ROOT / "configs" / "variant_ls.yaml")])
+    parser.update(
+        {
+            **FAST,
+            "bundle_root": str(tmp_path),
+            "datalist_file": data["plain"],
+            "num_iterations": 2,
+            "val_interval": 2,
+            "amp": amp,
+        }
+    )
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        trainer = parser.get_parsed_content("train#trainer")
+        dtypes, losses = set(), []
+        trainer.network.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+        trainer.loss_function.register_forward_pre_hook(lambda m, args: losses.append(args[0].dtype))
+        trainer.run()
+    finally:
+        os.chdir(cwd)
+    assert trainer.state.iteration == 2 and np.isfinite(float(trainer.state.output["loss"].detach()))
+    assert dtypes == {torch.bfloat16 if amp else torch.float32}
+    assert set(losses) == {torch.float32}

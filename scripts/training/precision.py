@@ -9,6 +9,10 @@
 
 ``--amp false`` keeps float32 everywhere, ``--amp true`` forces autocast. Validation and inference
 run float32 on a CPU whatever the setting (the configs turn their autocast on for CUDA only).
+
+MONAI's ``SupervisedTrainer`` (``ls``, ``fs``) autocasts on CUDA only; :class:`CpuAutocastInferer` gives its
+training forward the bfloat16 autocast on a CPU (since 0.9.0; before, ``ls`` trained float32 on a CPU while
+every other variant trained bfloat16).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import functools
 import os
 
 import torch
+from monai.inferers import SimpleInferer
 
-__all__ = ["cpu_has_bf16", "default_amp"]
+__all__ = ["cpu_has_bf16", "default_amp", "CpuAutocastInferer"]
 
 #: CPU flags (Linux ``/proc/cpuinfo``) of native bfloat16 matrix units.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -55,3 +60,20 @@ def default_amp(device, setting="auto") -> bool:
     if kind == "cpu":
         return os.environ.get("CCT_R_CPU_BF16", "") != "0" and cpu_has_bf16()
     return False
+
+
+class CpuAutocastInferer(SimpleInferer):
+    """MONAI's ``SimpleInferer`` whose forward runs under bfloat16 autocast when ``enabled`` and the input is on
+    a CPU; the logits come back float32, so the loss is computed in float32 (as autocast does for losses). On
+    CUDA it is ``SimpleInferer`` itself (MONAI's trainer autocasts there)."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        super().__init__()
+        self.enabled = bool(enabled)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if not (self.enabled and inputs.device.type == "cpu"):
+            return super().__call__(inputs, network, *args, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        return out.float()
