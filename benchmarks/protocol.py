@@ -173,10 +173,9 @@ def mirror_trained(run: Run) -> bool:
     return model_config.exists() and trained_with_flips(json.loads(model_config.read_text()))
 
 
-def _evaluate_once_more(run: Run, section: str, what: str, **kwargs) -> dict:
+def _evaluate_once_more(run: Run, datalist: str, section: str, what: str, **kwargs) -> dict:
     """Evaluate a finished run's model once more (``evaluate_command``'s ``kwargs``); its summary."""
-    result = json.loads(run.result_path.read_text())
-    command = evaluate_command(run, result["datalist"], section, **kwargs)
+    command = evaluate_command(run, datalist, section, **kwargs)
     with open(run.folder / "train.log", "a") as log:
         if subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise RuntimeError(f"{run.name}: evaluation {what} failed, see {run.folder / 'train.log'}")
@@ -188,7 +187,7 @@ def add_tta(run: Run, section: str) -> dict:
     result = json.loads(run.result_path.read_text())
     if "tta_dice" in result or not mirror_trained(run):
         return result
-    tta = _evaluate_once_more(run, section, "with flip TTA", flip_tta=True)
+    tta = _evaluate_once_more(run, result["datalist"], section, "with flip TTA", flip_tta=True)
     result["tta_dice"] = {c: m["dice"] for c, m in tta.items()}
     write_json(run.result_path, result)
     return result
@@ -200,7 +199,9 @@ def add_largest_component(run: Run, section: str) -> dict:
     result = json.loads(run.result_path.read_text())
     if "lcc_metrics" in result:
         return result
-    result["lcc_metrics"] = _evaluate_once_more(run, section, "with the largest component", largest_component=True)
+    result["lcc_metrics"] = _evaluate_once_more(
+        run, result["datalist"], section, "with the largest component", largest_component=True
+    )
     write_json(run.result_path, result)
     return result
 
@@ -306,12 +307,8 @@ def table(
         rs = sorted(by_variant.get(v, []), key=lambda r: (str(r.get("split")), r["seed"]))
         if not rs:
             continue
-        cells, summary[v] = [], {}
-        for c in classes:
-            vals = [100 * r["metrics"][c]["dice"] for r in rs]
-            mean, std = statistics.fmean(vals), statistics.pstdev(vals)
-            summary[v][c] = {"mean": mean, "std": std, "n": len(vals)}
-            cells.append(f"{mean:.1f} +- {std:.1f}")
+        summary[v] = {}
+        cells = [_summarise(summary[v], c, [100 * r["metrics"][c]["dice"] for r in rs]) for c in classes]
         lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -346,15 +343,8 @@ def table(
             rs = sorted((r for r in tta_rows if r["variant"] == v), key=lambda r: (str(r.get("split")), r["seed"]))
             if not rs:
                 continue
-            cells = []
-            for c in classes:
-                vals = [100 * r["tta_dice"][c] for r in rs]
-                summary.setdefault(v, {})[f"tta_{c}"] = {
-                    "mean": statistics.fmean(vals),
-                    "std": statistics.pstdev(vals),
-                    "n": len(vals),
-                }
-                cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
+            into = summary.setdefault(v, {})
+            cells = [_summarise(into, f"tta_{c}", [100 * r["tta_dice"][c] for r in rs]) for c in classes]
             lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     lcc_rows = [r for r in results if r.get("lcc_metrics")]
     if lcc_rows:
@@ -370,16 +360,9 @@ def table(
             rs = sorted((r for r in lcc_rows if r["variant"] == v), key=lambda r: (str(r.get("split")), r["seed"]))
             if not rs:
                 continue
-            cells = []
-            for c, metric, scale in [(c, "dice", 100) for c in classes] + [("mean", "hd95_mm", 1)]:
-                vals = [scale * r["lcc_metrics"][c][metric] for r in rs]
-                key = f"lcc_{c}" if metric == "dice" else "lcc_hd95_mm"
-                summary.setdefault(v, {})[key] = {
-                    "mean": statistics.fmean(vals),
-                    "std": statistics.pstdev(vals),
-                    "n": len(vals),
-                }
-                cells.append(f"{statistics.fmean(vals):.1f} +- {statistics.pstdev(vals):.1f}")
+            into = summary.setdefault(v, {})
+            cells = [_summarise(into, f"lcc_{c}", [100 * r["lcc_metrics"][c]["dice"] for r in rs]) for c in classes]
+            cells.append(_summarise(into, "lcc_hd95_mm", [r["lcc_metrics"]["mean"]["hd95_mm"] for r in rs]))
             lines.append(f"| {v} | {', '.join(_seed_label(r) for r in rs)} | " + " | ".join(cells) + " |")
     branch_rows = [r for r in results if r.get("branch_dice")]
     if branch_rows:
@@ -399,6 +382,13 @@ def table(
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n", {"preset": preset, "section": section, "summary": summary, "runs": results}
+
+
+def _summarise(into: dict, key: str, values: list[float]) -> str:
+    """Record mean, population std and count of ``values`` as ``into[key]``; the ``mean +- std`` table cell."""
+    mean, std = statistics.fmean(values), statistics.pstdev(values)
+    into[key] = {"mean": mean, "std": std, "n": len(values)}
+    return f"{mean:.1f} +- {std:.1f}"
 
 
 def _seed_label(result: dict) -> str:

@@ -55,6 +55,13 @@ def bundle(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def infer(bundle_root, *args: str) -> subprocess.CompletedProcess:
+    """``run inference`` with the model of the run in ``bundle_root``."""
+    return bundle(
+        "run", "inference", "--config_file", "configs/inference.yaml", "--bundle_root", str(bundle_root), *args
+    )
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"command failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -168,20 +175,7 @@ def test_inference_keeps_shape_and_affine_of_any_input(tmp_path, trained):
         "axis0.nii.gz": _oblique_volume(inputs / "axis0.nii.gz", shape=(5, 30, 26), axis_order=(2, 0, 1)),
     }
     out = tmp_path / "out"
-    proc = ok(
-        bundle(
-            "run",
-            "inference",
-            "--config_file",
-            "configs/inference.yaml",
-            "--bundle_root",
-            str(trained),
-            "--input_dir",
-            str(inputs),
-            "--output_dir",
-            str(out),
-        )
-    )
+    proc = ok(infer(str(trained), "--input_dir", str(inputs), "--output_dir", str(out)))
     assert f"written to {out}" in proc.stdout + proc.stderr  # says where
     for name, affine in affines.items():
         src = nib.load(inputs / name)
@@ -197,18 +191,7 @@ def test_inference_rejects_2d_input_naming_the_file(tmp_path, trained):
     inputs = tmp_path / "in"
     inputs.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(inputs / "flat.nii.gz"))
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(trained),
-        "--input_dir",
-        str(inputs),
-        "--output_dir",
-        str(tmp_path / "out"),
-    )
+    proc = infer(str(trained), "--input_dir", str(inputs), "--output_dir", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert "flat.nii.gz" in proc.stderr
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
@@ -361,48 +344,19 @@ def test_inference_refuses_a_model_that_does_not_fit_its_description(tmp_path, p
     config = json.loads((trained / "models" / "model_config.json").read_text())
     config["networks"] = {"a": config["networks"]["a"]}  # says: one U-Net (an LS model)
     (models / "model_config.json").write_text(json.dumps(config))
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(tmp_path),
-        "--input_dir",
-        str(_phantom_folders(phantom)[0]),
-    )
+    proc = infer(str(tmp_path), "--input_dir", str(_phantom_folders(phantom)[0]))
     assert proc.returncode != 0 and "does not fit the network" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_inference_refuses_another_patch_size(tmp_path, trained):
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(trained),
-        "--patch_size",
-        "[64,64]",
-        "--output_dir",
-        str(tmp_path / "out"),
-    )
+    proc = infer(str(trained), "--patch_size", "[64,64]", "--output_dir", str(tmp_path / "out"))
     assert proc.returncode != 0 and "trained at" in proc.stderr
 
 
 def test_unwritable_output_is_refused_before_any_work(tmp_path, trained):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(trained),
-        "--output_dir",
-        str(blocker / "predictions"),
-    )
+    proc = infer(str(trained), "--output_dir", str(blocker / "predictions"))
     assert proc.returncode != 0 and "cannot write output there" in proc.stderr and str(blocker) in proc.stderr
     assert "Traceback" not in proc.stderr and "Loading" not in proc.stdout  # nothing was loaded or segmented
 
@@ -440,31 +394,11 @@ def test_refused_input_leaves_no_output_folder_behind(tmp_path, trained):
         nib.Nifti1Image(np.zeros((20, 18, 5), np.float32), np.diag([1.5, 1.5, 8.0, 1.0])), str(inputs / "empty.nii.gz")
     )
     out = tmp_path / "out"
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(trained),
-        "--input_dir",
-        str(inputs),
-        "--output_dir",
-        str(out),
-    )
+    proc = infer(str(trained), "--input_dir", str(inputs), "--output_dir", str(out))
     assert proc.returncode != 0 and "empty.nii.gz: image is constant" in proc.stderr
     assert not out.exists()
     before = sorted((trained / "eval").glob("inference_*"))
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(trained),
-        "--input_dir",
-        str(inputs),
-    )
+    proc = infer(str(trained), "--input_dir", str(inputs))
     assert proc.returncode != 0 and sorted((trained / "eval").glob("inference_*")) == before
 
 
@@ -479,28 +413,14 @@ def test_weights_without_their_description_are_refused(tmp_path, trained):
     inputs = tmp_path / "in"
     inputs.mkdir()
     _oblique_volume(inputs / "case.nii.gz")
-    proc = bundle(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.yaml",
-        "--bundle_root",
-        str(root),
-        "--input_dir",
-        str(inputs),
-    )
+    proc = infer(str(root), "--input_dir", str(inputs))
     assert (
         proc.returncode != 0
         and "has no model description beside it" in proc.stderr
         and "--model_config_file" in proc.stderr
     )
     ok(
-        bundle(
-            "run",
-            "inference",
-            "--config_file",
-            "configs/inference.yaml",
-            "--bundle_root",
+        infer(
             str(root),
             "--input_dir",
             str(inputs),
@@ -517,19 +437,7 @@ def test_inference_keeps_the_largest_piece_of_each_class_unless_asked_not_to(tmp
     assert json.loads((trained / "models" / "model_config.json").read_text())["largest_component"] is True
     outputs = {}
     for name, extra in (("default", []), ("raw", ["--largest_component", "false"])):
-        ok(
-            bundle(
-                "run",
-                "inference",
-                "--config_file",
-                "configs/inference.yaml",
-                "--bundle_root",
-                str(trained),
-                "--output_dir",
-                str(tmp_path / name),
-                *extra,
-            )
-        )
+        ok(infer(str(trained), "--output_dir", str(tmp_path / name), *extra))
         outputs[name] = {
             p.name: np.asarray(nib.load(p).dataobj) for p in sorted((tmp_path / name).glob("*_seg.nii.gz"))
         }
