@@ -223,6 +223,12 @@ def two_networks(run: Run) -> bool:
     return model_config.exists() and set(json.loads(model_config.read_text()).get("networks", {})) == {"a", "b"}
 
 
+def model_branch(run: Run) -> str:
+    """The branch the run's model segments with (its model_config.json; ``mean`` when unset)."""
+    model_config = run.folder / "models" / "model_config.json"
+    return json.loads(model_config.read_text()).get("branch", "mean") if model_config.exists() else "mean"
+
+
 def execute(run: Run, dataset: str | None, section: str) -> dict:
     """Train (or resume), evaluate (the model, and each network alone for two-network models), write ``result.json``."""
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +241,10 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
             train_command(run, datalist, dataset), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         ).returncode:
             raise RuntimeError(f"{run.name}: training failed, see {run.folder / 'train.log'}")
-        branches = [None] + (["a", "b"] if two_networks(run) else [])
+        # the model as it segments, then each network alone, and the mean of both when validation chose one of them
+        branches = [None]
+        if two_networks(run):
+            branches += ["a", "b"] + (["mean"] if model_branch(run) != "mean" else [])
         for branch in branches:
             if subprocess.run(
                 evaluate_command(run, datalist, section, branch), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
@@ -258,6 +267,7 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
         "overrides": run.overrides,
         "section": section,
         "metrics": summary,
+        "branch": model_branch(run),
         "branch_dice": by_branch,
         "minutes": (time.time() - start) / 60,
     }
@@ -368,15 +378,18 @@ def table(
     if branch_rows:
         lines += [
             "",
-            "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B):",
+            "Each network alone (mean Dice; two-network models: `a` = network A, the CNN; `b` = network B; "
+            "ensemble = the mean of both logits; the model = what it segments with, chosen by validation with "
+            "`ensemble_branch: best`):",
             "",
-            "| run | ensemble | a | b |",
-            "|---|---:|---:|---:|",
+            "| run | the model | ensemble | a | b |",
+            "|---|---|---:|---:|---:|",
         ]
         for r in branch_rows:
             name = r["variant"] + (f"_{r['split']}" if r.get("split") is not None else "") + f"_s{r['seed']}"
+            ensemble = r["branch_dice"].get("mean", r["metrics"]["mean"]["dice"])
             lines.append(
-                f"| {name} | {100 * r['metrics']['mean']['dice']:.1f} | {100 * r['branch_dice']['a']:.1f} | "
+                f"| {name} | {r.get('branch', 'mean')} | {100 * ensemble:.1f} | {100 * r['branch_dice']['a']:.1f} | "
                 f"{100 * r['branch_dice']['b']:.1f} |"
             )
     if pending:

@@ -6,6 +6,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,7 +183,29 @@ def test_table_reports_each_network_of_two_network_models():
     md, _ = protocol.table(
         [r, _result("ls", 1, 0.5, 0.5)], [protocol.Run("cct-r", [], 1, Path("x"))], "full", "validation"
     )
-    assert "| cct-r_s1 | 60.0 | 65.0 | 40.0 |" in md and "| ls_s1 | 50.0 |" not in md.split("Each network alone")[1]
+    assert "| cct-r_s1 | mean | 60.0 | 65.0 | 40.0 |" in md and "| ls_s1 |" not in md.split("Each network alone")[1]
+    # a model that segments with network A (ensemble_branch best): the mean of both has its own evaluation
+    chosen = dict(_result("default", 2, 0.5, 0.7), branch="a", branch_dice={"a": 0.6, "b": 0.4, "mean": 0.55})
+    md, _ = protocol.table([chosen], [protocol.Run("default", [], 2, Path("x"))], "full", "validation")
+    assert "| default_s2 | a | 55.0 | 60.0 | 40.0 |" in md
+
+
+def test_runs_whose_model_chose_a_network_are_also_evaluated_as_the_mean(tmp_path, monkeypatch):
+    run = protocol.Run("default", [], 1, tmp_path)
+    run.folder = tmp_path
+    assert protocol.model_branch(run) == "mean"  # nothing trained yet
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model_config.json").write_text(json.dumps({"networks": {"a": {}, "b": {}}, "branch": "a"}))
+    assert protocol.model_branch(run) == "a" and protocol.two_networks(run)
+    commands = []
+    monkeypatch.setattr(
+        protocol.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or SimpleNamespace(returncode=0)
+    )
+    monkeypatch.setattr(protocol, "read_summary", lambda path: {"mean": {"dice": 0.5 if "_mean" in str(path) else 0.6}})
+    result = protocol.execute(run, None, "validation")
+    branches = [c[c.index("--branch") + 1] if "--branch" in c else None for c in commands[1:]]  # after training
+    assert branches == [None, "a", "b", "mean"]
+    assert result["branch"] == "a" and result["branch_dice"]["mean"] == 0.5 and result["metrics"]["mean"]["dice"] == 0.6
 
 
 def test_evaluate_command_selects_the_branch(tmp_path):

@@ -107,7 +107,9 @@ class BestModelSaver:
     seen is part of this object's ``state_dict`` so that resuming does not overwrite a better model
     with a worse one. With ``model_config`` (the description of
     :mod:`scripts.training.model_config`), ``model_config.json`` is written beside ``model.pt`` each
-    time, so that inference rebuilds exactly the network that was saved.
+    time, so that inference rebuilds exactly the network that was saved. With ``choose_branch`` (a
+    two-network model validated through :class:`scripts.training.branch_choice.AllBranches`) its
+    ``branch`` is the one that scored best at the saving validation (:func:`scripts.training.branch_choice.choose`).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class BestModelSaver:
         greater_is_better: bool = True,
         model_config: Mapping | None = None,
         model_config_path: str | None = None,
+        choose_branch: bool = False,
     ):
         self.save_path = str(save_path)
         self.model_config = model_config
@@ -127,6 +130,8 @@ class BestModelSaver:
         self.greater_is_better = greater_is_better
         self.best_metric: float | None = None
         self.best_epoch: int = -1
+        self.choose_branch = bool(choose_branch)
+        self.best_branch: str | None = None  # the branch recorded with the best model (choose_branch)
         self._evaluator: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -162,19 +167,33 @@ class BestModelSaver:
             )
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
-        if self.model_config is not None:
+        config = self.model_config
+        if self.choose_branch:
+            from scripts.training.branch_choice import choose
+
+            self.best_branch = choose(engine.state.metrics, name)
+            config = None if config is None else {**config, "branch": self.best_branch}
+        if config is not None:
             from scripts.training.model_config import write_model_config
 
-            write_model_config(self.model_config_path, self.model_config)
+            write_model_config(self.model_config_path, config)
         save_atomic(net.state_dict(), self.save_path)
-        logger.info("best %s %.4f at epoch %d: saved %s", name, value, self.best_epoch, self.save_path)
+        logger.info(
+            "best %s %.4f at epoch %d: saved %s%s",
+            name,
+            value,
+            self.best_epoch,
+            self.save_path,
+            f" (inference branch: {self.best_branch})" if self.best_branch else "",
+        )
 
     def state_dict(self) -> dict:
-        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch, "best_branch": self.best_branch}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.best_metric = state["best_metric"]
         self.best_epoch = int(state["best_epoch"])
+        self.best_branch = state.get("best_branch")  # absent in train states written before 0.10.0
         if self._evaluator is not None and self.best_metric is not None:
             # the evaluator's own record (its "Got new best metric" / "best value" lines) restarts at -1
             # otherwise, and would call a worse model after the resume the best

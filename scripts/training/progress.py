@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from ignite.engine import Engine, Events
 from tqdm import tqdm
 
+from scripts.training.branch_choice import BRANCH_METRICS
 from scripts.training.tracking import loss_and_terms
 
 __all__ = ["RunProgress", "TrainingCurves"]
@@ -58,6 +59,7 @@ class RunProgress:
         class_names: background first.
         class_metric: the name prefix of the evaluator's per-class Dice scalars.
         progress: show the bar (the per-validation lines are logged either way).
+        branch_names: names of networks A and B, for the Dice of each alone (``ensemble_branch: best``).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class RunProgress:
         class_metric: str = "val_dice_",
         progress: bool = True,
         loss_log=None,
+        branch_names: Sequence[str] = ("a", "b"),
     ) -> None:
         self.num_iterations = int(num_iterations)
         self.evaluator = evaluator
@@ -78,6 +81,7 @@ class RunProgress:
         self.class_names = list(class_names)
         self.class_metric = class_metric
         self.progress = bool(progress)
+        self.branch_names = list(branch_names) + ["b"] * (2 - len(branch_names))
         self.loss_log = loss_log  # a LossLog: the bar shows its host copy (no device read per iteration)
         self._bar: tqdm | None = None
         self._open = False  # STARTED seen, bar not yet opened
@@ -136,9 +140,18 @@ class RunProgress:
             if best is not None
             else "no model saved yet"
         )
+        alone = [
+            f"{name} {float(metrics[metric]):.4f}"
+            for name, metric in zip(self.branch_names, BRANCH_METRICS.values())
+            if metric in metrics
+        ]
+        branch = getattr(self.best_model, "best_branch", None)
+        if alone and branch:
+            best_text += f" (inference: {dict(zip(('a', 'b'), self.branch_names)).get(branch, branch)})"
         line = (
             f"iteration {engine.state.iteration}/{self.num_iterations}: {key} {float(metrics[key]):.4f}"
             + (f" ({per_class})" if per_class else "")
+            + (f"; alone: {', '.join(alone)}" if alone else "")
             + f"; {best_text}"
         )
         logger.info(line)
