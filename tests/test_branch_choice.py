@@ -124,3 +124,24 @@ def test_training_saves_the_branch_validation_scored_best(tmp_path, capfd):
     config = json.loads((tmp_path / "run" / "models" / "model_config.json").read_text())
     assert config["branch"] == expected
     assert f"(inference: {dict(a='cnn', b='transformer').get(expected, expected)})" in lines[-1]
+
+
+def test_choosing_at_validation_leaves_training_unchanged(tmp_path):
+    data = make_rsl_datalist(tmp_path / "phantom")
+    weights = {}
+    for branch in ("mean", "best"):
+        run_bundle(
+            tmp_path / branch,
+            ["train.yaml", "variant_no_contrastive.yaml"],
+            data["rsl"],
+            "--ensemble_branch",
+            branch,
+            "--num_iterations",
+            "6",
+            "--val_interval",
+            "2",
+        )
+        state = torch.load(tmp_path / branch / "models" / "train_state.pt", map_location="cpu", weights_only=False)
+        weights[branch] = state["network"]
+    assert weights["mean"].keys() == weights["best"].keys()
+    assert all(torch.equal(weights["mean"][k], weights["best"][k]) for k in weights["mean"])
