@@ -242,9 +242,10 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
         ).returncode:
             raise RuntimeError(f"{run.name}: training failed, see {run.folder / 'train.log'}")
         # the model as it segments, then each network alone, and the mean of both when validation chose one of them
+        chosen = model_branch(run)
         branches = [None]
         if two_networks(run):
-            branches += ["a", "b"] + (["mean"] if model_branch(run) != "mean" else [])
+            branches += ["a", "b"] + (["mean"] if chosen != "mean" else [])
         for branch in branches:
             if subprocess.run(
                 evaluate_command(run, datalist, section, branch), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
@@ -267,7 +268,7 @@ def execute(run: Run, dataset: str | None, section: str) -> dict:
         "overrides": run.overrides,
         "section": section,
         "metrics": summary,
-        "branch": model_branch(run),
+        "branch": chosen,
         "branch_dice": by_branch,
         "minutes": (time.time() - start) / 60,
     }

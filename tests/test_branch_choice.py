@@ -38,7 +38,7 @@ def test_one_pass_gives_each_branch_as_the_network_would():
     assert torch.equal(out["pred_a"], out["pred"]) and torch.equal(out["pred_b"], out["pred"])
     with pytest.raises(ValueError, match="channels"):
         SplitBranches(num_classes=3)({"pred": stacked[0]})
-    assert evaluated_network(net, "mean") is net and isinstance(evaluated_network(net, "best"), AllBranches)
+    assert evaluated_network(net, False) is net and isinstance(evaluated_network(net, True), AllBranches)
 
 
 def test_choose_takes_the_best_and_keeps_the_mean_on_ties():

@@ -24,17 +24,17 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch import nn
 
+from scripts.training.mean_teacher import unwrap
 from scripts.training.networks import EnsembleNet
 
 __all__ = ["AllBranches", "SplitBranches", "BRANCH_METRICS", "choose", "evaluated_network"]
 
 # the evaluator's metric of each branch; "mean" is the key metric (selection), read under its own name
 BRANCH_METRICS = {"a": "val_mean_dice_a", "b": "val_mean_dice_b"}
-BRANCH_PREDICTIONS = {"a": "pred_a", "b": "pred_b"}
 
 
 def _ensemble(network: nn.Module) -> EnsembleNet | None:
-    net = network.module if hasattr(network, "module") else network
+    net = unwrap(network)
     return net if isinstance(net, EnsembleNet) else None
 
 
@@ -57,9 +57,9 @@ class AllBranches(nn.Module):
         return torch.cat([0.5 * (a + b), a, b], dim=1)
 
 
-def evaluated_network(network: nn.Module, ensemble_branch: str) -> nn.Module:
-    """What the validation evaluator runs: :class:`AllBranches` for ``best``, else the network itself."""
-    return AllBranches(network) if str(ensemble_branch).lower() == "best" else network
+def evaluated_network(network: nn.Module, choose_branch: bool) -> nn.Module:
+    """What the validation evaluator runs: :class:`AllBranches` when validation chooses the branch, else the network."""
+    return AllBranches(network) if choose_branch else network
 
 
 class SplitBranches(MapTransform):

@@ -81,7 +81,7 @@ class RunProgress:
         self.class_names = list(class_names)
         self.class_metric = class_metric
         self.progress = bool(progress)
-        self.branch_names = list(branch_names) + ["b"] * (2 - len(branch_names))
+        self.branch_names = list(branch_names)
         self.loss_log = loss_log  # a LossLog: the bar shows its host copy (no device read per iteration)
         self._bar: tqdm | None = None
         self._open = False  # STARTED seen, bar not yet opened
