@@ -11,7 +11,7 @@ python benchmarks/table1.py \
         3:$R/acdc_3labeled_default_norsl.json 3:$R/acdc_3labeled_ls_bf16.json 3:$R/acdc_3labeled_mcsc.json 3:$R/acdc_3labeled_mcsc_lrb.json \
         7:$R/acdc_7labeled_cts.json 7:$R/acdc_7labeled_full.json 7:$R/acdc_7labeled_table1_cps.json \
         7:$R/acdc_7labeled_tac_full_070.json 7:$R/acdc_7labeled_default_norsl.json \
-        7:$R/acdc_7labeled_ls_bf16.json 7:$R/acdc_7labeled_mcsc.json \
+        7:$R/acdc_7labeled_ls_bf16.json 7:$R/acdc_7labeled_mcsc.json 7:$R/acdc_7labeled_uamt.json \
     --rename default=default_rsl default_norsl=default \
     --only ls ls_bf16 uamt uamt_rsl cps cts mcsc mcsc_lrb cct_r default default_rsl fs \
     --paper $R/paper_table1.json \
@@ -22,5 +22,5 @@ python benchmarks/table1.py \
         "3:cts=67.4 +- 2.1 (RV 61.0, myocardium 66.0, LV 75.3; 0.4.3, per-run files not kept)" \
         "3:cct_r=62.2 +- 1.0 (RV 52.3, myocardium 62.9, LV 71.3; 0.4.3, per-run files not kept)" \
         "3:fs=see 1 labeled" \
-        "7:uamt=not run yet" "7:uamt_rsl=not run yet" "7:fs=see 1 labeled" \
+        "7:uamt_rsl=not run yet" "7:fs=see 1 labeled" \
         "7:mcsc_lrb=not run (measured at 1 and 3 labeled patients to explain mcsc's rank)"
