@@ -6,9 +6,11 @@ R=benchmarks/results
 python benchmarks/table1.py \
     --table 1:$R/acdc_1labeled_tac_full_070.json 1:$R/acdc_1labeled_table1_uamt.json \
         1:$R/acdc_1labeled_default_full_070.json 1:$R/acdc_1labeled_default_norsl.json \
-        1:$R/acdc_1labeled_table1_uamt_rsl.json 1:$R/acdc_1labeled_ls_bf16.json 1:$R/acdc_fs.json 1:$R/acdc_1labeled_mcsc.json 1:$R/acdc_1labeled_mcsc_lrb.json \
+        1:$R/acdc_1labeled_table1_uamt_rsl.json 1:$R/acdc_1labeled_ls_bf16.json 1:$R/acdc_fs.json \
+        1:$R/acdc_1labeled_mcsc.json 1:$R/acdc_1labeled_mcsc_lrb.json \
         3:$R/acdc_3labeled_table1.json 3:$R/acdc_3labeled_table1_ls.json 3:$R/acdc_3labeled_w2s.json \
-        3:$R/acdc_3labeled_default_norsl.json 3:$R/acdc_3labeled_ls_bf16.json 3:$R/acdc_3labeled_mcsc.json 3:$R/acdc_3labeled_mcsc_lrb.json \
+        3:$R/acdc_3labeled_default_norsl.json 3:$R/acdc_3labeled_ls_bf16.json \
+        3:$R/acdc_3labeled_mcsc.json 3:$R/acdc_3labeled_mcsc_lrb.json \
         7:$R/acdc_7labeled_cts.json 7:$R/acdc_7labeled_full.json 7:$R/acdc_7labeled_table1_cps.json \
         7:$R/acdc_7labeled_tac_full_070.json 7:$R/acdc_7labeled_default_norsl.json \
         7:$R/acdc_7labeled_ls_bf16.json 7:$R/acdc_7labeled_mcsc.json 7:$R/acdc_7labeled_uamt.json \
