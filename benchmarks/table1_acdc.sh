@@ -10,7 +10,7 @@ python benchmarks/table1.py \
         1:$R/acdc_1labeled_mcsc.json 1:$R/acdc_1labeled_mcsc_lrb.json \
         3:$R/acdc_3labeled_table1.json 3:$R/acdc_3labeled_table1_ls.json 3:$R/acdc_3labeled_w2s.json \
         3:$R/acdc_3labeled_default_norsl.json 3:$R/acdc_3labeled_ls_bf16.json \
-        3:$R/acdc_3labeled_mcsc.json 3:$R/acdc_3labeled_mcsc_lrb.json \
+        3:$R/acdc_3labeled_mcsc.json 3:$R/acdc_3labeled_mcsc_lrb.json 3:$R/acdc_3labeled_uamt_rsl.json \
         7:$R/acdc_7labeled_cts.json 7:$R/acdc_7labeled_full.json 7:$R/acdc_7labeled_table1_cps.json \
         7:$R/acdc_7labeled_tac_full_070.json 7:$R/acdc_7labeled_default_norsl.json \
         7:$R/acdc_7labeled_ls_bf16.json 7:$R/acdc_7labeled_mcsc.json 7:$R/acdc_7labeled_uamt.json \
@@ -20,7 +20,6 @@ python benchmarks/table1.py \
     --missing \
         "1:cts=54.2 +- 0.3 (RV 41.3, myocardium 56.7, LV 64.7; 0.4.2, per-run files not kept)" \
         "1:cct_r=60.3 +- 1.6 (RV 48.6, myocardium 59.4, LV 72.9; 0.4.2, per-run files not kept)" \
-        "3:uamt_rsl=not run yet" \
         "3:cts=67.4 +- 2.1 (RV 61.0, myocardium 66.0, LV 75.3; 0.4.3, per-run files not kept)" \
         "3:cct_r=62.2 +- 1.0 (RV 52.3, myocardium 62.9, LV 71.3; 0.4.3, per-run files not kept)" \
         "3:fs=see 1 labeled" \
