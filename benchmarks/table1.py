@@ -8,7 +8,8 @@ in several tables of the same count is taken from the last one given (pass the n
 ``--rename old=new`` shows a variant under another name,
 ``--only`` keeps the listed variants (in that order). ``--paper`` is a JSON file ``{count: {variant: mean Dice}}``
 with the paper's numbers to print beside ours (missing: blank); ``--missing COUNT:VARIANT=reason`` adds a row
-that says why a cell is not measured::
+that says why a cell is not measured; ``--version COUNT:VARIANT=TEXT`` fills the cell's "version" column (the
+bundle version that trained it: a table may hold cells of several versions)::
 
     python benchmarks/table1.py --table 1:benchmarks/results/acdc_1labeled_table1_cps.json \\
         3:benchmarks/results/acdc_3labeled_table1.json --paper benchmarks/results/paper_table1.json
@@ -43,7 +44,7 @@ def collect(tables: list[tuple[int, Path]], rename: dict[str, str]) -> dict[int,
     return cells
 
 
-def row(variant: str, cell: dict, paper: float | None) -> str:
+def row(variant: str, cell: dict, paper: float | None, version: str = "") -> str:
     runs = sorted(cell["runs"], key=lambda r: r["seed"])
     dice = {c: _stats([100 * r["metrics"][c]["dice"] for r in runs]) for c in CLASSES}
     hd = {c: _stats([r["metrics"][c]["hd95_mm"] for r in runs]) for c in CLASSES}
@@ -57,16 +58,23 @@ def row(variant: str, cell: dict, paper: float | None) -> str:
         lcc_dice = _stats([100 * r["lcc_metrics"]["mean"]["dice"] for r in runs])
         lcc_hd = _stats([r["lcc_metrics"]["mean"]["hd95_mm"] for r in runs])
         lcc = f"{lcc_dice[0]:.1f} +- {lcc_dice[1]:.1f} / {lcc_hd[0]:.1f}"
-    return f"| `{variant}` | {fmt} | {mean} | {hds} | {lcc} | {seeds} | {paper_cell} | {cell['source']} |"
+    return f"| `{variant}` | {fmt} | {mean} | {hds} | {lcc} | {seeds} | {version} | {paper_cell} | {cell['source']} |"
 
 
-def render(cells, paper: dict, only: list[str] | None, missing: dict[tuple[int, str], str]) -> str:
+def render(
+    cells,
+    paper: dict,
+    only: list[str] | None,
+    missing: dict[tuple[int, str], str],
+    versions: dict[tuple[int, str], str] | None = None,
+) -> str:
+    versions = versions or {}
     head = (
         "| method | RV Dice | myocardium Dice | LV Dice | **mean Dice** | RV HD95 | myocardium HD95 | LV HD95 | "
-        "mean HD95 (mm) | largest component: mean Dice / HD95 | seeds | paper (mean Dice) | from |\n"
+        "mean HD95 (mm) | largest component: mean Dice / HD95 | seeds | version | paper (mean Dice) | from |\n"
         + "|---|"
         + "---:|" * 9
-        + "---|---:|---|"
+        + "---|---|---:|---|"
     )
     out = []
     for count in sorted(set(cells) | {c for c, _ in missing}):
@@ -77,11 +85,11 @@ def render(cells, paper: dict, only: list[str] | None, missing: dict[tuple[int, 
             cell = cells.get(count, {}).get(name)
             ref = paper.get(str(count), {}).get(name)
             if cell is not None:
-                lines.append(row(name, cell, ref))
+                lines.append(row(name, cell, ref, versions.get((count, name), "")))
             else:
                 reason = missing.get((count, name), "not measured")
                 ref_cell = "" if ref is None else f"{ref:.1f}"
-                lines.append("| " + " | ".join([f"`{name}`", reason] + [""] * 9 + [ref_cell, ""]) + " |")
+                lines.append("| " + " | ".join([f"`{name}`", reason] + [""] * 10 + [ref_cell, ""]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--only", nargs="*", default=None, help="these variants, in this order")
     ap.add_argument("--paper", default=None, help="JSON {count: {variant: the paper's mean Dice}}")
     ap.add_argument("--missing", nargs="*", default=[], help="COUNT:VARIANT=reason rows for unmeasured cells")
+    ap.add_argument("--version", nargs="*", default=[], help="COUNT:VARIANT=the bundle version that trained it")
     ap.add_argument("--out", default=None, help="write the markdown here (default: print)")
     args = ap.parse_args(argv)
     tables = []
@@ -116,8 +125,13 @@ def main(argv: list[str] | None = None) -> str:
         count, rest = _pair(text, "--missing")
         variant, _, reason = rest.partition("=")
         missing[(int(count), variant)] = reason or "not measured"
+    versions = {}
+    for text in args.version:
+        count, rest = _pair(text, "--version")
+        variant, _, version = rest.partition("=")
+        versions[(int(count), variant)] = version
     paper = json.loads(Path(args.paper).read_text()) if args.paper else {}
-    text = render(collect(tables, rename), paper, args.only, missing)
+    text = render(collect(tables, rename), paper, args.only, missing, versions)
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Table 1 layout (docs/results.md, issue 36) from the runner's tables in benchmarks/results/:
-# every cell measured so far, the reason for each missing one. Run from the bundle root; prints markdown.
+# every cell measured so far, the bundle version that trained it, the reason for each missing one. Run from the
+# bundle root; prints markdown.
 set -euo pipefail
 R=benchmarks/results
 python benchmarks/table1.py \
@@ -17,6 +18,12 @@ python benchmarks/table1.py \
     --rename default=default_rsl default_norsl=default \
     --only ls ls_bf16 uamt uamt_rsl cps cts mcsc mcsc_lrb cct_r default default_rsl fs \
     --paper $R/paper_table1.json \
+    --version 1:ls=0.7.0 1:ls_bf16=0.10.0 1:uamt=0.6.0 1:uamt_rsl=0.7.0 1:cps=0.5.0 1:mcsc=0.10.0 1:mcsc_lrb=0.10.0 \
+        1:default=0.8.0 1:default_rsl=0.7.0 1:fs=0.10.0 \
+        3:ls=0.7.0 3:ls_bf16=0.10.0 3:uamt=0.6.0 3:uamt_rsl=0.10.0 3:cps=0.6.0 3:mcsc=0.10.0 3:mcsc_lrb=0.10.0 \
+        3:default=0.8.0 3:default_rsl=0.5.0 \
+        7:ls=0.7.0 7:ls_bf16=0.9.0 7:uamt=0.10.0 7:cps=0.7.0 7:cts=0.5.0 7:mcsc=0.10.0 7:cct_r=0.5.0 \
+        7:default=0.8.0 7:default_rsl=0.5.0 \
     --missing \
         "1:cts=54.2 +- 0.3 (RV 41.3, myocardium 56.7, LV 64.7; 0.4.2, per-run files not kept)" \
         "1:cct_r=60.3 +- 1.6 (RV 48.6, myocardium 59.4, LV 72.9; 0.4.2, per-run files not kept)" \

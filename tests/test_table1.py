@@ -40,12 +40,15 @@ def test_cells_are_seed_means_the_last_table_wins_and_missing_cells_say_why(tmp_
             "mcsc",
             "--missing",
             "7:mcsc=too slow",
+            "--version",
+            "7:ls=0.7.0",
         ]
     )
     lines = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(lines) == 2  # --only: cps left out
     ls, mcsc = lines
     assert "**70.0 +- 10.0**" in ls and "20.0 +- 10.0" in ls and "| 75.9 |" in ls and "new.json" in ls
+    assert "| 1, 2 | 0.7.0 | 75.9 |" in ls  # seeds, then the version that trained the cell
     assert "too slow" in mcsc and "| 80.0 |" in mcsc
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert ls.count("|") == mcsc.count("|") == header.count("|")
