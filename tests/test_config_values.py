@@ -114,8 +114,9 @@ def _boolean_switches() -> set[str]:
 
 
 # what may stand before a switch: flag() itself, or a function that reads its argument through flag()
-# (model_config.largest_component: tests/test_largest_component.py checks it does)
-READERS = ("flag(", "model_config.largest_component(@model_config, ")
+# (model_config.largest_component: tests/test_largest_component.py checks it does; weight_average.teacher_on:
+# tests/test_ema_teacher.py)
+READERS = ("flag(", "model_config.largest_component(@model_config, ", "weight_average.teacher_on(")
 
 
 def test_every_boolean_switch_is_read_through_flag():

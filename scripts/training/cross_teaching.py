@@ -11,6 +11,8 @@ see :mod:`scripts.data.semi_supervised_data`. Each network runs *once* on ``[x_l
       L_B = L_sup(B(x_l), y) + w_cps(i) * Dice(B(x_u), argmax A(x_u)) + w_rsl * L_sup(B(x_u), r)
 
 * ``cps``: the same with ``CE(A(x_u), argmax B(x_u))`` as the cross term (two U-Nets in the paper);
+  with a ``pseudo_label_teacher`` (two students), ``argmax B'(x_u)`` and ``argmax A'(x_u)`` instead, ``A'`` / ``B'``
+  the EMA copies of the students (and so for every other pseudo-label below);
 * ``mean_teacher`` (UA-MT): A is the student, B its EMA teacher (no optimizer)::
 
       L_A = L_sup(A(x_l), y) + w_cps(i) * MSE_mask(A(x_u), teacher) + w_rsl * L_sup(A(x_u), r)
@@ -148,6 +150,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
         unlabeled_scale: every term beyond the supervised one (cross teaching, RSL, contrastive, weak-to-strong, TAC) is
             multiplied by this factor (1: as the terms' own weights say).
         unlabeled_warmup: iterations at the start in which that factor is 0 (the supervised loss alone).
+        pseudo_label_teacher: two students only: a module with ``net_a`` / ``net_b`` (the EMA copy of both students,
+            :func:`scripts.training.weight_average.pseudo_label_teacher`) whose logits on the unlabeled slices replace
+            the peers' own as the source of every pseudo-label (cross teaching's argmax, the weak-to-strong targets,
+            the contrastive labels, RSL's agreement): A learns from B's average and B from A's. ``None``: the peers.
         w2s_batched: run each network once per iteration on ``[x_l; x_u; strong view; x_u]`` (the feature dropout on
             the last quarter only) instead of three passes; the same mathematics for networks whose normalisation is
             per sample (instance / layer norm: the bundle's U-Net and SwinUNETR). A network with BatchNorm keeps the
@@ -196,6 +202,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         w2s_batched: bool = True,
         unlabeled_scale: float = 1.0,
         unlabeled_warmup: int = 0,
+        pseudo_label_teacher: nn.Module | None = None,
         graph_capture: bool = False,
         capture_backend: str = "inductor",
         inferer: Callable | None = None,
@@ -301,6 +308,9 @@ class CrossTeachingTrainer(SupervisedTrainer):
             )
         self.unlabeled_scale, self.unlabeled_warmup = float(unlabeled_scale), int(unlabeled_warmup)
         self._unl_now = self.unlabeled_scale
+        if pseudo_label_teacher is not None and consistency not in ("cross_teaching", "cps"):
+            raise ValueError(f"pseudo_label_teacher needs two students (cross_teaching or cps), not {consistency!r}")
+        self.pseudo_label_teacher = pseudo_label_teacher
         nets = [net for net in (net_a, net_b) if net is not None]
         self.w2s_one_pass = bool(w2s_batched) and not any(has_batch_statistics(net) for net in nets)
         # the networks whose training passes run here (the UA-MT teacher's noisy passes stay eager)
@@ -380,8 +390,20 @@ class CrossTeachingTrainer(SupervisedTrainer):
         factor = (1.0 - self._ramp_now) + self._ramp_now * agreement
         return factor if batch.registered_weight is None else batch.registered_weight.to(factor.dtype) * factor
 
+    @torch.no_grad()
+    def _teacher_logits(self, x_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pseudo-label teacher's logits of A and B on the unlabeled slices (``None`` without a teacher).
+
+        Run before the students' passes, so that whatever feature taps the copies share are overwritten by the
+        students' own maps before the contrastive term reads them."""
+        teacher = self.pseudo_label_teacher
+        if teacher is None:
+            return None
+        return self.inferer(x_u, teacher.net_a), self.inferer(x_u, teacher.net_b)
+
     def _two_students(self, batch: SemiSupervisedBatch, w: float) -> tuple[torch.Tensor, dict]:
         x, n = batch.images(), batch.num_labeled
+        teacher = self._teacher_logits(batch.unlabeled_image)
         w2s_on = self.w2s_weight > 0
         views = None
         if w2s_on and self.w2s_one_pass:  # one pass per network over every view: [x_l; x_u; strong; x_u (dropout)]
@@ -396,19 +418,20 @@ class CrossTeachingTrainer(SupervisedTrainer):
         else:
             out_a, out_b = self._pass(x, self.network), self._pass(x, self.net_b)
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        peer_a, peer_b = (out_a[n:], out_b[n:]) if teacher is None else teacher  # the pseudo-labels' sources
         terms = {
             "sup_a": self.loss_function(out_a[:n], batch.label),
             "sup_b": self.loss_function(out_b[:n], batch.label),
-            "cps_a": self.cross_loss(out_a[n:], out_b[n:]),
-            "cps_b": self.cross_loss(out_b[n:], out_a[n:]),
+            "cps_a": self.cross_loss(out_a[n:], peer_b),
+            "cps_b": self.cross_loss(out_b[n:], peer_a),
         }
         loss_a = terms["sup_a"] + w * terms["cps_a"]
         loss_b = terms["sup_b"] + w * terms["cps_b"]
         loss_a = self._add_affinity(terms, loss_a, out_a, batch, n)
-        # each network's probabilities on the unlabeled half, computed once for the terms that use them
+        # the probabilities of each pseudo-label source (a network, or its EMA copy) on the unlabeled half, once
         need_probs = self.contrastive_on or w2s_on or (self.rsl_weight > 0 and self.rsl_quality == "agreement")
-        probs_a = torch.softmax(out_a[n:].detach().float(), 1) if need_probs else None
-        probs_b = torch.softmax(out_b[n:].detach().float(), 1) if need_probs else None
+        probs_a = torch.softmax(peer_a.detach().float(), 1) if need_probs else None
+        probs_b = torch.softmax(peer_b.detach().float(), 1) if need_probs else None
         rsl_weight = self._rsl_weight(batch, probs_a, probs_b, terms) if self.rsl_weight > 0 else None
         if self.contrastive_on:
             terms["cl_a"], terms["cl_b"] = self.contrastive.pair(out_a, probs_b, out_b, probs_a, batch)

@@ -22,9 +22,10 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from scripts.config_values import flag
 from scripts.training.mean_teacher import ema_update, unwrap
 
-__all__ = ["WeightAverage"]
+__all__ = ["WeightAverage", "teacher_on"]
 
 
 class WeightAverage:
@@ -59,3 +60,12 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         self.average.load_state_dict(state)
+
+
+def teacher_on(ema_teacher, ema_decay) -> bool:
+    """``ema_teacher`` (a boolean or its command-line spelling): whether the EMA copy of both students is the
+    source of the pseudo-labels; refused (before any work: ``training`` checks it first) without an average."""
+    on = flag(ema_teacher, "ema_teacher")
+    if on and not float(ema_decay) > 0:
+        raise ValueError("ema_teacher: true needs ema_decay > 0 (e.g. --ema_decay 0.99): the teacher is that average")
+    return on
