@@ -151,9 +151,10 @@ class CrossTeachingTrainer(SupervisedTrainer):
             multiplied by this factor (1: as the terms' own weights say).
         unlabeled_warmup: iterations at the start in which that factor is 0 (the supervised loss alone).
         pseudo_label_teacher: two students only: a module with ``net_a`` / ``net_b`` (the EMA copy of both students,
-            :func:`scripts.training.weight_average.pseudo_label_teacher`) whose logits on the unlabeled slices replace
-            the peers' own as the source of every pseudo-label (cross teaching's argmax, the weak-to-strong targets,
-            the contrastive labels, RSL's agreement): A learns from B's average and B from A's. ``None``: the peers.
+            ``weight_average.average`` with ``ema_teacher: true``, :func:`scripts.training.weight_average.teacher_on`)
+            whose logits on the unlabeled slices replace the peers' own as the source of every pseudo-label (cross
+            teaching's argmax, the weak-to-strong targets, the contrastive labels, RSL's agreement): A learns from B's
+            average and B from A's. ``None``: the peers.
         w2s_batched: run each network once per iteration on ``[x_l; x_u; strong view; x_u]`` (the feature dropout on
             the last quarter only) instead of three passes; the same mathematics for networks whose normalisation is
             per sample (instance / layer norm: the bundle's U-Net and SwinUNETR). A network with BatchNorm keeps the
