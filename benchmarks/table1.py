@@ -103,6 +103,16 @@ def _pair(text: str, what: str) -> tuple[str, str]:
     return count, rest
 
 
+def _cell_texts(texts: list[str], what: str) -> dict[tuple[int, str], str]:
+    """``COUNT:VARIANT=TEXT`` arguments as ``{(count, variant): text}``."""
+    cells = {}
+    for text in texts:
+        count, rest = _pair(text, what)
+        variant, _, value = rest.partition("=")
+        cells[(int(count), variant)] = value
+    return cells
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", nargs="+", required=True, help="COUNT:path/to/table.json (later ones win)")
@@ -120,16 +130,8 @@ def main(argv: list[str] | None = None) -> str:
             raise SystemExit(f"--table: {path} does not exist")
         tables.append((int(count), Path(path)))
     rename = dict(r.split("=", 1) for r in args.rename)
-    missing = {}
-    for text in args.missing:
-        count, rest = _pair(text, "--missing")
-        variant, _, reason = rest.partition("=")
-        missing[(int(count), variant)] = reason or "not measured"
-    versions = {}
-    for text in args.version:
-        count, rest = _pair(text, "--version")
-        variant, _, version = rest.partition("=")
-        versions[(int(count), variant)] = version
+    missing = {cell: reason or "not measured" for cell, reason in _cell_texts(args.missing, "--missing").items()}
+    versions = _cell_texts(args.version, "--version")
     paper = json.loads(Path(args.paper).read_text()) if args.paper else {}
     text = render(collect(tables, rename), paper, args.only, missing, versions)
     if args.out:

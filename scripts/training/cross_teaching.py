@@ -88,6 +88,10 @@ __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 
 #: The unsupervised terms the trainer implements.
 CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher", "none")
+TWO_STUDENTS = (
+    "cross_teaching",
+    "cps",
+)  # the methods that train two peers (the others: a student and its teacher, or one)
 
 
 def _weight_at(weight, iteration: int) -> float:
@@ -269,7 +273,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self.rsl_schedule = rsl_schedule
         if rsl_quality not in ("rank", "agreement"):
             raise ValueError(f"rsl_quality must be 'rank' or 'agreement', got {rsl_quality!r}")
-        if rsl_quality == "agreement" and consistency not in ("cross_teaching", "cps"):
+        if rsl_quality == "agreement" and consistency not in TWO_STUDENTS:
             raise ValueError(f"rsl_quality 'agreement' needs two students (cross_teaching or cps), not {consistency!r}")
         if rsl_quality == "agreement" and num_iterations is None:
             raise ValueError("rsl_quality 'agreement' needs num_iterations (or a RampUpWeight consistency_weight)")
@@ -293,7 +297,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
         self._w_tac_now = 0.0
         if float(w2s_weight) < 0:
             raise ValueError(f"w2s_weight must be >= 0, got {w2s_weight!r}")
-        if float(w2s_weight) > 0 and consistency not in ("cross_teaching", "cps"):
+        if float(w2s_weight) > 0 and consistency not in TWO_STUDENTS:
             raise ValueError(
                 f"weak-to-strong consistency needs two students (cross_teaching or cps), not {consistency!r}"
             )
@@ -309,7 +313,7 @@ class CrossTeachingTrainer(SupervisedTrainer):
             )
         self.unlabeled_scale, self.unlabeled_warmup = float(unlabeled_scale), int(unlabeled_warmup)
         self._unl_now = self.unlabeled_scale
-        if pseudo_label_teacher is not None and consistency not in ("cross_teaching", "cps"):
+        if pseudo_label_teacher is not None and consistency not in TWO_STUDENTS:
             raise ValueError(f"pseudo_label_teacher needs two students (cross_teaching or cps), not {consistency!r}")
         self.pseudo_label_teacher = pseudo_label_teacher
         nets = [net for net in (net_a, net_b) if net is not None]
