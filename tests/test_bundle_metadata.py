@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +126,50 @@ def test_ckpt_export_torchscript(tmp_path, model):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+EXPRESSION_NAME = re.compile(r"\bscripts(?:\.\w+)+")
+
+
+def _expression_names(config_file) -> set[str]:
+    """Dotted ``scripts.`` names used inside ``$`` expressions (``_target_`` names are imported by MONAI itself)."""
+    names = set()
+    for line in config_file.read_text().splitlines():
+        code = line.split("#", 1)[0]
+        if "$" in code and "$import" not in code:
+            names.update(EXPRESSION_NAME.findall(code[code.index("$") :]))
+    return names
+
+
+@pytest.mark.parametrize("entry", ["train.yaml", "inference.yaml", "evaluate.yaml", "registration.yaml"])
+def test_every_scripts_name_in_an_expression_is_loaded_by_the_imports(entry):
+    """An expression evaluates ``scripts.a.b.f`` as attributes of the imported package, so ``scripts.a.b`` must be
+    among the config's ``imports`` (a test process may have imported it by chance; a fresh bundle run has not).
+    Overlays without imports of their own (variants, datasets) run on top of train.yaml."""
+    configs = ROOT / "configs"
+    imports = [
+        line.split("$import", 1)[1].strip()
+        for line in (configs / entry).read_text().splitlines()
+        if line.startswith("- $import")
+    ]
+    files = [configs / entry]
+    if entry == "train.yaml":
+        files += [f for f in configs.glob("*.yaml") if "imports:" not in f.read_text()]
+    names = sorted(set().union(*(_expression_names(f) for f in files)))
+    assert names, entry
+    probe = (
+        "import importlib, sys\n"
+        f"for module in {imports!r}:\n    importlib.import_module(module)\n"
+        "import scripts\nmissing = []\n"
+        f"for name in {names!r}:\n"
+        "    value = scripts\n"
+        "    for part in name.split('.')[1:]:\n"
+        "        if not hasattr(value, part):\n"
+        "            missing.append(name)\n"
+        "            break\n"
+        "        value = getattr(value, part)\n"
+        "print(missing)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"{entry}: not loaded by its imports: {proc.stdout.strip()}"
