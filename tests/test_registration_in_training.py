@@ -134,6 +134,22 @@ def test_registration_dir_and_two_step_path(tmp_path, datalist):
         _ = _stage(datalist, tmp_path / "x", registration_dir=str(tmp_path)).datalist
 
 
+def test_registration_dir_of_another_datalist_is_refused(tmp_path, datalist):
+    """A folder made from another split (here: one labeled volume moved to the unlabeled half) would replace the
+    datalist asked for; it is refused by name before any training."""
+    folder = Path(_stage(datalist, tmp_path / "registration").registration_dir)
+    data = json.loads(Path(datalist).read_text())
+    moved = data["training"].pop()
+    data["unlabeled"].append({"image": moved["image"]})
+    other = Path(datalist).parent / "other_split.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(
+        RegistrationSetupError, match="'training' volumes differ from those of .*other_split.json: 1 not in"
+    ):
+        _ = _stage(str(other), tmp_path / "elsewhere", registration_dir=str(folder)).datalist
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_no_registration_without_rsl_or_reps(tmp_path, datalist):
     stage = _stage(datalist, tmp_path / "registration", rsl=False, reps=False)
     assert stage.datalist == datalist and stage.registration_dir is None

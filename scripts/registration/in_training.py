@@ -123,6 +123,7 @@ class TrainingRegistration:
                     f"{folder}: registration_dir has no {self.datalist_name}; give the output folder of "
                     "'run registration', or leave registration_dir unset to register here"
                 )
+            self._check_same_volumes(datalist)
             self._check_transforms(folder)
             return str(datalist), str(folder)
         unlabeled = read_datalist(self.source).get("unlabeled", [])
@@ -133,6 +134,29 @@ class TrainingRegistration:
             self._check_transforms(folder)
             return self.source, str(folder) if (folder / "transforms.npz").exists() else None
         return self._register()
+
+    def _check_same_volumes(self, folder_datalist: Path) -> None:
+        """A given folder's datalist replaces the input one, so it must split the same volumes the same way.
+
+        Otherwise a folder made from another datalist (say 7 labeled patients, given to a 1-labeled run) would
+        silently train on its labeled, unlabeled and validation volumes instead of the ones asked for.
+        """
+        given, mine = read_datalist(folder_datalist), read_datalist(self.source)
+        for section in ("training", "unlabeled", "validation"):
+            theirs = {str(e.get("image")) for e in given.get(section, [])}
+            ours = {str(e.get("image")) for e in mine.get(section, [])}
+            if theirs != ours:
+                extra, missing = sorted(theirs - ours), sorted(ours - theirs)
+                detail = "; ".join(
+                    f"{len(names)} {what} (e.g. {names[0]})"
+                    for names, what in ((extra, f"not in {self.source}"), (missing, "missing"))
+                    if names
+                )
+                raise RegistrationSetupError(
+                    f"{folder_datalist.parent}: registration_dir was made from another datalist: its {section!r} "
+                    f"volumes differ from those of {self.source}: {detail}; give the folder 'run registration' "
+                    "wrote for this datalist, or leave registration_dir unset to register here"
+                )
 
     def _check_transforms(self, folder: Path) -> None:
         """REPS reads the transforms of the registration folder (``transforms.npz``)."""
