@@ -9,7 +9,10 @@ in several tables of the same count is taken from the last one given (pass the n
 ``--only`` keeps the listed variants (in that order). ``--paper`` is a JSON file ``{count: {variant: mean Dice}}``
 with the paper's numbers to print beside ours (missing: blank); ``--missing COUNT:VARIANT=reason`` adds a row
 that says why a cell is not measured; ``--version COUNT:VARIANT=TEXT`` fills the cell's "version" column (the
-bundle version that trained it: a table may hold cells of several versions)::
+bundle version that trained it: a table may hold cells of several versions). ``--registration COUNT:CSV`` adds
+the row ``registration_only``: the registration-only baseline of that count's registration folder
+(``baseline/brs/metrics_summary.csv``: the BRS partner's label warped onto each validation volume, no training),
+one deterministic number per cell, so no std and no seeds::
 
     python benchmarks/table1.py --table 1:benchmarks/results/acdc_1labeled_table1_cps.json \\
         3:benchmarks/results/acdc_3labeled_table1.json --paper benchmarks/results/paper_table1.json
@@ -18,6 +21,7 @@ bundle version that trained it: a table may hold cells of several versions)::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from collections import defaultdict
@@ -44,7 +48,26 @@ def collect(tables: list[tuple[int, Path]], rename: dict[str, str]) -> dict[int,
     return cells
 
 
+REGISTRATION_ONLY = "registration_only"
+
+
+def registration_cell(path: Path) -> dict:
+    """The registration-only baseline's ``metrics_summary.csv`` as a cell of one run without a seed."""
+    rows = {r["class_name"]: r for r in csv.DictReader(Path(path).open())}
+    absent = [c for c in CLASSES if c not in rows]
+    if absent:
+        raise SystemExit(f"--registration: {path} has no row for {', '.join(absent)}")
+    metrics = {c: {"dice": float(rows[c]["dice_mean"]), "hd95_mm": float(rows[c]["hd95_mm_mean"])} for c in CLASSES}
+    return {"runs": [{"seed": None, "metrics": metrics}], "source": Path(path).name, "deterministic": True}
+
+
 def row(variant: str, cell: dict, paper: float | None, version: str = "") -> str:
+    if cell.get("deterministic"):  # one number per cell: no seeds, no std
+        m = cell["runs"][0]["metrics"]
+        dice = " | ".join(f"{100 * m[c]['dice']:.1f}" for c in CLASSES[:3]) + f" | **{100 * m['mean']['dice']:.1f}**"
+        hds = " | ".join(f"{m[c]['hd95_mm']:.1f}" for c in CLASSES)
+        paper_cell = "" if paper is None else f"{paper:.1f}"
+        return f"| `{variant}` | {dice} | {hds} |  | no training | {version} | {paper_cell} | {cell['source']} |"
     runs = sorted(cell["runs"], key=lambda r: r["seed"])
     dice = {c: _stats([100 * r["metrics"][c]["dice"] for r in runs]) for c in CLASSES}
     hd = {c: _stats([r["metrics"][c]["hd95_mm"] for r in runs]) for c in CLASSES}
@@ -121,6 +144,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--paper", default=None, help="JSON {count: {variant: the paper's mean Dice}}")
     ap.add_argument("--missing", nargs="*", default=[], help="COUNT:VARIANT=reason rows for unmeasured cells")
     ap.add_argument("--version", nargs="*", default=[], help="COUNT:VARIANT=the bundle version that trained it")
+    ap.add_argument(
+        "--registration",
+        nargs="*",
+        default=[],
+        help="COUNT:path/to/metrics_summary.csv of the registration-only baseline",
+    )
     ap.add_argument("--out", default=None, help="write the markdown here (default: print)")
     args = ap.parse_args(argv)
     tables = []
@@ -133,7 +162,13 @@ def main(argv: list[str] | None = None) -> str:
     missing = {cell: reason or "not measured" for cell, reason in _cell_texts(args.missing, "--missing").items()}
     versions = _cell_texts(args.version, "--version")
     paper = json.loads(Path(args.paper).read_text()) if args.paper else {}
-    text = render(collect(tables, rename), paper, args.only, missing, versions)
+    cells = collect(tables, rename)
+    for text in args.registration:
+        count, path = _pair(text, "--registration")
+        if not Path(path).is_file():
+            raise SystemExit(f"--registration: {path} does not exist")
+        cells[int(count)][REGISTRATION_ONLY] = registration_cell(Path(path))
+    text = render(cells, paper, args.only, missing, versions)
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -74,3 +74,22 @@ def test_the_largest_component_column_needs_every_run_of_the_cell(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
     assert "| 70.0 +- 10.0 / 5.0 |" in rows["`ls`"]
     assert "/" not in rows["`cps`"].split("|")[9]  # one run without it: no cell rather than a one-seed number
+
+
+def test_registration_only_row_from_the_baseline_summary(tmp_path):
+    summary = tmp_path / "metrics_summary.csv"
+    lines = ["class,class_name,n_cases,dice_mean,dice_std,hd95_mm_mean,hd95_mm_std"]
+    for i, (name, dice, hd) in enumerate((("RV", 0.3, 40.0), ("myocardium", 0.2, 30.0), ("LV", 0.4, 20.0))):
+        lines.append(f"{i + 1},{name},20,{dice},0.1,{hd},5.0")
+    lines.append("mean,mean,20,0.3,0.1,30.0,5.0")
+    summary.write_text("\n".join(lines) + "\n")
+    table = _table(tmp_path / "t.json", [_run("ls", 1, 0.6, 10.0), _run("ls", 2, 0.6, 10.0)])
+    text = table1.main(["--table", f"3:{table}", "--registration", f"3:{summary}", "--only", "ls", "registration_only"])
+    reg = next(line for line in text.splitlines() if line.startswith("| `registration_only`"))
+    assert "| 30.0 | 20.0 | 40.0 | **30.0** | 40.0 | 30.0 | 20.0 | 30.0 |" in reg and "+-" not in reg
+    assert "no training" in reg and "metrics_summary.csv" in reg
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert reg.count("|") == header.count("|")
+    summary.write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(SystemExit, match="no row for myocardium, LV, mean"):
+        table1.main(["--table", f"3:{table}", "--registration", f"3:{summary}"])
