@@ -102,3 +102,17 @@ def test_the_bundle_wires_the_average_as_the_teacher(tmp_path):
     teacher = trainer.pseudo_label_teacher
     assert isinstance(teacher, EnsembleNet) and teacher.net_a is not trainer.network
     assert not any(p.requires_grad for p in teacher.parameters())  # the EMA copy, not a trained network
+
+
+def test_the_pseudo_label_monitor_also_scores_the_teacher():
+    """With ema_teacher the pseudo-labels come from the average, so the monitor scores its networks too."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.yaml")])
+    parser.update({"swin_feature_size": 12})
+    assert list(parser.get_parsed_content("monitor#handler#networks")) == ["cnn", "transformer"]
+    parser.update({"ema_teacher": "true", "ema_decay": 0.99})
+    networks = parser.get_parsed_content("monitor#handler#networks")
+    assert list(networks) == ["cnn", "transformer", "cnn_ema", "transformer_ema"]
+    average = parser.get_parsed_content("weight_average").average
+    assert networks["cnn_ema"] is average.net_a and networks["transformer_ema"] is average.net_b
+    assert networks["cnn"] is not networks["cnn_ema"]
