@@ -1,6 +1,7 @@
 """End to end on a tiny phantom: the config runs, rsl_datalist.json has what RSL needs, baseline is scored."""
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -14,8 +15,9 @@ from scripts.data.datalist import load_datalist
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_config_run_writes_rsl_datalist_and_baseline(tmp_path, monkeypatch):
+def test_config_run_writes_rsl_datalist_and_baseline(tmp_path, monkeypatch, caplog):
     torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="scripts.registration.runner")
     monkeypatch.chdir(tmp_path)  # the default bundle_root is "." (run from the bundle root)
     datalist = phantom.ensure_phantom_dataset(tmp_path / "ph", n_labeled=2, n_unlabeled=2, n_validation=1, n_test=0)
     parser = ConfigParser()
@@ -30,6 +32,7 @@ def test_config_run_writes_rsl_datalist_and_baseline(tmp_path, monkeypatch):
     runner = parser.get_parsed_content("registration_runner")
     summary = runner.run()
     out = Path(summary["output_dir"])
+    assert f"registration: writing {out}" in caplog.text  # the log names the folder it writes, as when it reuses one
     assert out.resolve().parent == tmp_path / "registration" and out.name.startswith("torch_affine_")
     assert summary["pairs"] == 2 * 2 * 2 + 2 * 1 * 2  # labeled <-> unlabeled and labeled <-> validation
     rsl = json.loads((out / "rsl_datalist.json").read_text())

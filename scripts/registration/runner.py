@@ -267,6 +267,7 @@ class RegistrationRunner:
 
     def _run(self, labeled: list, unlabeled: list, evaluation: list, pairs: list[PairSpec]) -> dict:
         """Register the pending pairs, select partners, propagate labels, write the datalists and the summary."""
+        logger.info("registration: writing %s (%d pairs)", self.output_dir, len(pairs))
         t0 = time.perf_counter()
         self.register(pairs)
         t_reg = time.perf_counter() - t0
