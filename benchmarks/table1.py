@@ -53,7 +53,8 @@ REGISTRATION_ONLY = "registration_only"
 
 def registration_cell(path: Path) -> dict:
     """The registration-only baseline's ``metrics_summary.csv`` as a cell of one run without a seed."""
-    rows = {r["class_name"]: r for r in csv.DictReader(Path(path).open())}
+    with Path(path).open(newline="") as f:
+        rows = {r["class_name"]: r for r in csv.DictReader(f)}
     absent = [c for c in CLASSES if c not in rows]
     if absent:
         raise SystemExit(f"--registration: {path} has no row for {', '.join(absent)}")
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> str:
     versions = _cell_texts(args.version, "--version")
     paper = json.loads(Path(args.paper).read_text()) if args.paper else {}
     cells = collect(tables, rename)
-    for text in args.registration:
-        count, path = _pair(text, "--registration")
+    for spec in args.registration:
+        count, path = _pair(spec, "--registration")
         if not Path(path).is_file():
             raise SystemExit(f"--registration: {path} does not exist")
         cells[int(count)][REGISTRATION_ONLY] = registration_cell(Path(path))
