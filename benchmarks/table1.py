@@ -63,11 +63,11 @@ def registration_cell(path: Path) -> dict:
 
 
 def row(variant: str, cell: dict, paper: float | None, version: str = "") -> str:
+    paper_cell = "" if paper is None else f"{paper:.1f}"
     if cell.get("deterministic"):  # one number per cell: no seeds, no std
         m = cell["runs"][0]["metrics"]
         dice = " | ".join(f"{100 * m[c]['dice']:.1f}" for c in CLASSES[:3]) + f" | **{100 * m['mean']['dice']:.1f}**"
         hds = " | ".join(f"{m[c]['hd95_mm']:.1f}" for c in CLASSES)
-        paper_cell = "" if paper is None else f"{paper:.1f}"
         return f"| `{variant}` | {dice} | {hds} |  | no training | {version} | {paper_cell} | {cell['source']} |"
     runs = sorted(cell["runs"], key=lambda r: r["seed"])
     dice = {c: _stats([100 * r["metrics"][c]["dice"] for r in runs]) for c in CLASSES}
@@ -76,7 +76,6 @@ def row(variant: str, cell: dict, paper: float | None, version: str = "") -> str
     fmt = " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in (dice[c] for c in CLASSES[:3]))
     mean = f"**{dice['mean'][0]:.1f} +- {dice['mean'][1]:.1f}**"
     hds = " | ".join(f"{hd[c][0]:.1f}" for c in CLASSES[:3]) + f" | {hd['mean'][0]:.1f} +- {hd['mean'][1]:.1f}"
-    paper_cell = "" if paper is None else f"{paper:.1f}"
     lcc = ""  # the same checkpoints with the largest piece of each class kept (inference's default since 0.9.0)
     if all("lcc_metrics" in r for r in runs):
         lcc_dice = _stats([100 * r["lcc_metrics"]["mean"]["dice"] for r in runs])

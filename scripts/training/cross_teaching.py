@@ -88,10 +88,8 @@ __all__ = ["CONSISTENCY_METHODS", "CrossTeachingTrainer"]
 
 #: The unsupervised terms the trainer implements.
 CONSISTENCY_METHODS = ("cross_teaching", "cps", "mean_teacher", "none")
-TWO_STUDENTS = (
-    "cross_teaching",
-    "cps",
-)  # the methods that train two peers (the others: a student and its teacher, or one)
+#: The methods that train two peers (the others: a student and its teacher, or one network).
+TWO_STUDENTS = ("cross_teaching", "cps")
 
 
 def _weight_at(weight, iteration: int) -> float:
