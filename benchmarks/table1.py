@@ -21,11 +21,12 @@ one deterministic number per cell, so no std and no seeds::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
+
+from protocol import read_summary
 
 CLASSES = ("RV", "myocardium", "LV", "mean")
 
@@ -53,13 +54,12 @@ REGISTRATION_ONLY = "registration_only"
 
 def registration_cell(path: Path) -> dict:
     """The registration-only baseline's ``metrics_summary.csv`` as a cell of one run without a seed."""
-    with Path(path).open(newline="") as f:
-        rows = {r["class_name"]: r for r in csv.DictReader(f)}
-    absent = [c for c in CLASSES if c not in rows]
+    summary = read_summary(path)  # the protocol runner's reader of the same file
+    absent = [c for c in CLASSES if c not in summary]
     if absent:
         raise SystemExit(f"--registration: {path} has no row for {', '.join(absent)}")
-    metrics = {c: {"dice": float(rows[c]["dice_mean"]), "hd95_mm": float(rows[c]["hd95_mm_mean"])} for c in CLASSES}
-    return {"runs": [{"seed": None, "metrics": metrics}], "source": Path(path).name, "deterministic": True}
+    metrics = {c: summary[c] for c in CLASSES}
+    return {"runs": [{"seed": None, "metrics": metrics}], "source": path.name, "deterministic": True}
 
 
 def row(variant: str, cell: dict, paper: float | None, version: str = "") -> str:
